@@ -1,0 +1,348 @@
+"""Phase II of LANCE: Conv2d and Linear layers that keep only the activation core.
+
+In the forward pass the layer input ``X`` is projected to the core
+``G = X x_1 U_1^T ... x_d U_d^T`` (Eq. 1); autograd keeps ``G`` (and references to
+the layer's weight and the shared factors ``U_i``), never ``X``.  In the backward
+pass
+
+* the input gradient is exact: it needs only the weights;
+* the weight gradient is that of the reconstructed input
+  ``X_tilde = G x_1 U_1 ... x_d U_d`` (Eq. 4), which by Theorem 1 equals the full
+  gradient right-multiplied by the projector ``P``.  It is computed in the compressed
+  space wherever that saves work (see :func:`conv2d_weight_from_core` and
+  :func:`linear_weight_from_core`);
+* the bias gradient is exact.
+
+:func:`compress` swaps chosen modules for their LANCE versions in place;
+:func:`restore` (or the :func:`compressed` context manager) puts the originals back.
+The LANCE modules subclass ``nn.Conv2d`` / ``nn.Linear`` and share the original
+``Parameter`` objects, so optimisers, ``state_dict`` keys and ``isinstance`` checks
+are unaffected.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .calibration import LayerSubspace, Subspaces, resolve_layers
+from .hosvd import project, reconstruct
+
+__all__ = [
+    "LanceConv2d",
+    "LanceLinear",
+    "check_input_shape",
+    "compress",
+    "compressed",
+    "conv2d_weight_from_core",
+    "lance_conv2d",
+    "lance_linear",
+    "linear_weight_from_core",
+    "restore",
+]
+
+Factors = Sequence[torch.Tensor | None]
+
+
+def check_input_shape(x: torch.Tensor, factors: Factors, layer: str = "layer") -> None:
+    """Raise a clear error when ``x`` does not fit the calibrated factors.
+
+    A calibrated batch factor ``U_1`` is ``(B, r_1)``: it cannot project a batch of
+    another size.
+    """
+    if len(factors) != x.ndim:
+        raise ValueError(
+            f"{layer}: input has {x.ndim} modes {tuple(x.shape)}, but {len(factors)} "
+            "factors were calibrated"
+        )
+    for i, u in enumerate(factors):
+        if u is not None and u.shape[0] != x.shape[i]:
+            if i == 0:
+                raise ValueError(
+                    f"{layer}: batch of size {x.shape[0]}, but the batch mode was calibrated "
+                    f"for batches of {u.shape[0]}. Use drop_last=True in the DataLoader (and "
+                    "the calibrated batch size), or calibrate with modes that exclude the "
+                    "batch mode (modes=(1, 2, 3) for Conv2d) to accept any batch size."
+                )
+            raise ValueError(
+                f"{layer}: input mode {i} has size {x.shape[i]}, but it was calibrated with "
+                f"size {u.shape[0]} (input shape {tuple(x.shape)}); recalibrate for this "
+                "input size"
+            )
+
+
+def _mode_product(x: torch.Tensor, u: torch.Tensor, mode: int, transpose: bool) -> torch.Tensor:
+    """``x x_mode u^T`` (``transpose``) or ``x x_mode u`` for a single mode."""
+    factors: list[torch.Tensor | None] = [None] * x.ndim
+    factors[mode] = u
+    return project(x, factors) if transpose else reconstruct(x, factors)
+
+
+def conv2d_weight_from_core(
+    core: torch.Tensor,
+    factors: Factors,
+    grad_output: torch.Tensor,
+    weight_shape: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int] | str,
+    dilation: Sequence[int],
+    groups: int,
+) -> torch.Tensor:
+    """Conv2d weight gradient of the reconstructed input, Eq. (4), in compressed space.
+
+    ``dW = conv2d_weight(G x_1 U_B x_2 U_C x_3 U_H x_4 U_W, delta)`` computed as:
+
+    1. spatial modes are reconstructed (the sliding window needs every pixel):
+       ``Z = G x_3 U_H x_4 U_W`` of shape ``(r_B, r_C, H, W)``;
+    2. the batch factor moves to the output gradient,
+       ``delta' = delta x_1 U_B^T`` (``(r_B, O, H', W')``), since
+       ``sum_b conv(sum_k U_B[b,k] Z_k, delta_b) = sum_k conv(Z_k, delta'_k)``;
+    3. the channel factor stays compressed when ``r_C < C / groups``: the weight
+       gradient is taken with ``r_C`` input channels, ``dW_r`` of shape
+       ``(O, r_C, kh, kw)``, and expanded at the end, ``dW = dW_r x_2 U_C`` (per group).
+       Otherwise (e.g. depthwise convs, where ``C / groups = 1``) ``Z`` is expanded
+       along channels first, which is cheaper.
+
+    All three steps are exact rewritings: the result equals
+    ``torch.nn.grad.conv2d_weight(reconstruct(core, factors), ...)``.
+    """
+    u_b, u_c, u_h, u_w = factors
+    out_ch, cin_per_group, kh, kw = weight_shape
+    if any(r == 0 for r in core.shape):
+        return grad_output.new_zeros(weight_shape)
+    z = reconstruct(core, [None, None, u_h, u_w])
+    delta = grad_output if u_b is None else _mode_product(grad_output, u_b, 0, transpose=True)
+    keep_channels_compressed = u_c is not None and u_c.shape[1] < cin_per_group
+    if not keep_channels_compressed:
+        if u_c is not None:
+            z = _mode_product(z, u_c, 1, transpose=False)
+        return torch.nn.grad.conv2d_weight(
+            z, weight_shape, delta, stride=stride, padding=padding, dilation=dilation, groups=groups
+        )
+    r_c = u_c.shape[1]
+    dw_r = torch.nn.grad.conv2d_weight(
+        z, (out_ch, r_c, kh, kw), delta, stride=stride, padding=padding, dilation=dilation, groups=1
+    )
+    # dW[o, c] = sum_j dW_r[o, j] U_C[c, j], with c restricted to o's group
+    dw_r = dw_r.reshape(groups, out_ch // groups, r_c, kh, kw)
+    u_groups = u_c.reshape(groups, cin_per_group, r_c)
+    return torch.einsum("gojyx,gcj->gocyx", dw_r, u_groups).reshape(weight_shape)
+
+
+def linear_weight_from_core(
+    core: torch.Tensor, factors: Factors, grad_output: torch.Tensor
+) -> torch.Tensor:
+    """Linear weight gradient of the reconstructed input, Eq. (4), in compressed space.
+
+    For an input ``(n_1, ..., n_{d-1}, F)`` and output gradient
+    ``delta`` ``(n_1, ..., n_{d-1}, O)``: the leading factors move to the output
+    gradient, ``delta' = delta x_1 U_1^T ... x_{d-1} U_{d-1}^T``, the compressed leading
+    modes are contracted with the core, ``dW_r = delta'^T G`` (``(O, r_d)``), and the
+    feature factor is expanded at the end, ``dW = dW_r U_d^T``.  Exact rewriting of
+    ``delta^T X_tilde``.
+    """
+    if any(r == 0 for r in core.shape):
+        return grad_output.new_zeros(grad_output.shape[-1], factors[-1].shape[0])
+    lead = list(factors[:-1]) + [None]
+    delta = project(grad_output, lead)
+    dw_r = delta.reshape(-1, delta.shape[-1]).T @ core.reshape(-1, core.shape[-1])
+    u_f = factors[-1]
+    return dw_r if u_f is None else dw_r @ u_f.T
+
+
+class _LanceConv2dFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, factors, stride, padding, dilation, groups):
+        out = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+        core = project(x, factors)
+        present = [u for u in factors if u is not None]
+        ctx.save_for_backward(core, weight, *present)
+        ctx.where = [u is not None for u in factors]
+        ctx.conf = (tuple(x.shape), stride, padding, dilation, groups, bias is not None)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        core, weight, *present = ctx.saved_tensors
+        it = iter(present)
+        factors = [next(it) if w else None for w in ctx.where]
+        x_shape, stride, padding, dilation, groups, has_bias = ctx.conf
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.nn.grad.conv2d_input(
+                x_shape, weight, grad_out, stride=stride, padding=padding, dilation=dilation,
+                groups=groups,
+            )
+        if ctx.needs_input_grad[1]:
+            grad_w = conv2d_weight_from_core(
+                core, factors, grad_out, weight.shape, stride, padding, dilation, groups
+            )
+        if has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad_out.sum(dim=(0, 2, 3))
+        return grad_x, grad_w, grad_b, None, None, None, None, None
+
+
+class _LanceLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, factors):
+        out = F.linear(x, weight, bias)
+        core = project(x, factors)
+        present = [u for u in factors if u is not None]
+        ctx.save_for_backward(core, weight, *present)
+        ctx.where = [u is not None for u in factors]
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        core, weight, *present = ctx.saved_tensors
+        it = iter(present)
+        factors = [next(it) if w else None for w in ctx.where]
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out @ weight
+        if ctx.needs_input_grad[1]:
+            grad_w = linear_weight_from_core(core, factors, grad_out)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        return grad_x, grad_w, grad_b, None
+
+
+def lance_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    factors: Factors,
+    stride: Sequence[int] = (1, 1),
+    padding: Sequence[int] | str = (0, 0),
+    dilation: Sequence[int] = (1, 1),
+    groups: int = 1,
+) -> torch.Tensor:
+    """``F.conv2d`` whose autograd keeps only the core of ``x`` (Eq. 1, Eq. 4).
+
+    ``factors`` holds ``(U_B, U_C, U_H, U_W)``, ``None`` for uncompressed modes.  Also
+    the building block of the per-step baselines (HOSVD, ASI), which pass factors
+    computed at every step.
+    """
+    check_input_shape(x, factors, "conv2d")
+    return _LanceConv2dFunction.apply(x, weight, bias, tuple(factors), stride, padding, dilation, groups)
+
+
+def lance_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, factors: Factors
+) -> torch.Tensor:
+    """``F.linear`` whose autograd keeps only the core of ``x`` (Eq. 1, Eq. 4).
+
+    ``x`` is ``(n_1, ..., n_{d-1}, F)``; ``factors`` has one entry per mode.
+    """
+    check_input_shape(x, factors, "linear")
+    return _LanceLinearFunction.apply(x, weight, bias, tuple(factors))
+
+
+class _LanceMixin:
+    """Shared plumbing of the LANCE modules: factor buffers and the original module."""
+
+    def _adopt(self, original: nn.Module, subspace: LayerSubspace, name: str) -> None:
+        self.weight = original.weight
+        self.bias = original.bias
+        self.train(original.training)
+        self.layer_name = name
+        self.ranks = list(subspace.ranks)
+        self._where = [u is not None for u in subspace.factors]
+        for i, u in enumerate(subspace.factors):
+            if u is not None:
+                buf = u.to(device=original.weight.device, dtype=original.weight.dtype)
+                self.register_buffer(f"factor_{i}", buf, persistent=False)
+        # kept outside the module tree so it is not a submodule
+        object.__setattr__(self, "_original", original)
+
+    @property
+    def factors(self) -> list[torch.Tensor | None]:
+        """The factors ``U_i`` in mode order, ``None`` for uncompressed modes."""
+        return [getattr(self, f"factor_{i}") if w else None for i, w in enumerate(self._where)]
+
+
+class LanceConv2d(_LanceMixin, nn.Conv2d):
+    """Conv2d that keeps only the core of its input for backward (LANCE Phase II)."""
+
+    def __init__(self, conv: nn.Conv2d, subspace: LayerSubspace, name: str = "") -> None:
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"{name}: only zero padding is supported, got {conv.padding_mode!r}")
+        padding = conv.padding
+        if padding == "valid":
+            padding = (0, 0)
+        elif isinstance(padding, str):
+            raise ValueError(f"{name}: padding={padding!r} is not supported; give explicit padding")
+        nn.Conv2d.__init__(
+            self, conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+            padding, conv.dilation, conv.groups, conv.bias is not None, device="meta",
+        )
+        self._adopt(conv, subspace, name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input_shape(x, self.factors, self.layer_name or "LanceConv2d")
+        return _LanceConv2dFunction.apply(
+            x, self.weight, self.bias, tuple(self.factors), self.stride, self.padding,
+            self.dilation, self.groups,
+        )
+
+
+class LanceLinear(_LanceMixin, nn.Linear):
+    """Linear layer that keeps only the core of its input for backward (LANCE Phase II)."""
+
+    def __init__(self, linear: nn.Linear, subspace: LayerSubspace, name: str = "") -> None:
+        nn.Linear.__init__(
+            self, linear.in_features, linear.out_features, linear.bias is not None, device="meta"
+        )
+        self._adopt(linear, subspace, name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input_shape(x, self.factors, self.layer_name or "LanceLinear")
+        return _LanceLinearFunction.apply(x, self.weight, self.bias, tuple(self.factors))
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def compress(model: nn.Module, subspaces: Subspaces) -> nn.Module:
+    """Replace the calibrated Conv2d / Linear modules of ``model`` by LANCE versions.
+
+    In place; returns ``model``.  Every layer named in ``subspaces`` must exist and be
+    of the kind it was calibrated as.  Already compressed layers are first restored.
+    """
+    modules = resolve_layers(model, list(subspaces))
+    for name, module in modules.items():
+        sub = subspaces[name]
+        original = getattr(module, "_original", module)
+        if isinstance(original, nn.Conv2d) != (sub.kind == "conv2d"):
+            raise TypeError(f"layer {name!r} is a {type(original).__name__}, calibrated as {sub.kind}")
+        cls = LanceConv2d if sub.kind == "conv2d" else LanceLinear
+        _set_submodule(model, name, cls(original, sub, name))
+    return model
+
+
+def restore(model: nn.Module) -> nn.Module:
+    """Put back the original modules replaced by :func:`compress`; in place."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, (LanceConv2d, LanceLinear)):
+            original = module._original
+            original.train(module.training)
+            _set_submodule(model, name, original)
+    return model
+
+
+@contextmanager
+def compressed(model: nn.Module, subspaces: Subspaces) -> Iterator[nn.Module]:
+    """Context manager: ``model`` compressed inside the block, restored after it."""
+    compress(model, subspaces)
+    try:
+        yield model
+    finally:
+        restore(model)

@@ -1,0 +1,222 @@
+"""Phase II: Theorem 1 exactly, eps = 1 equals BP, only the core is kept, errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lance_lib import LanceConv2d, LanceLinear, calibrate, compress, compressed, restore
+from lance_lib.accounting import measure_saved_tensors
+from lance_lib.hosvd import project, reconstruct
+from lance_lib.layers import lance_conv2d, lance_linear
+
+from .conftest import random_orthonormal
+
+CONV_CASES = {
+    "stride2-padding": dict(c=6, o=5, groups=1, stride=2, padding=1, dilation=1, k=3),
+    "dilation": dict(c=6, o=4, groups=1, stride=1, padding=2, dilation=2, k=3),
+    "depthwise": dict(c=6, o=6, groups=6, stride=1, padding=1, dilation=1, k=3),
+    "grouped": dict(c=6, o=9, groups=3, stride=1, padding=0, dilation=1, k=3),
+    "pointwise": dict(c=6, o=7, groups=1, stride=1, padding=0, dilation=1, k=1),
+}
+
+
+@pytest.mark.parametrize("case", list(CONV_CASES))
+def test_theorem1_conv_weight_gradient_is_gradient_of_projected_input(case, gen):
+    p = CONV_CASES[case]
+    b, h, w = 5, 9, 8
+    x = torch.randn(b, p["c"], h, w, dtype=torch.float64, generator=gen, requires_grad=True)
+    weight = torch.randn(
+        p["o"], p["c"] // p["groups"], p["k"], p["k"], dtype=torch.float64, generator=gen,
+        requires_grad=True,
+    )
+    bias = torch.randn(p["o"], dtype=torch.float64, generator=gen, requires_grad=True)
+    factors = [random_orthonormal(n, r, gen) for n, r in zip((b, p["c"], h, w), (3, 2, 5, 4), strict=True)]
+    conf = dict(stride=p["stride"], padding=p["padding"], dilation=p["dilation"], groups=p["groups"])
+    out = lance_conv2d(
+        x, weight, bias, factors, (p["stride"],) * 2, (p["padding"],) * 2, (p["dilation"],) * 2,
+        p["groups"],
+    )
+    delta = torch.randn(out.shape, dtype=torch.float64, generator=gen)
+    out.backward(delta)
+    projected = reconstruct(project(x.detach(), factors), factors)
+    expected_w = torch.nn.grad.conv2d_weight(projected, weight.shape, delta, **conf)
+    expected_x = torch.nn.grad.conv2d_input(x.shape, weight.detach(), delta, **conf)
+    assert (weight.grad - expected_w).norm() / expected_w.norm() <= 1e-9
+    assert (x.grad - expected_x).norm() / expected_x.norm() <= 1e-12
+    torch.testing.assert_close(bias.grad, delta.sum((0, 2, 3)), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        out, torch.nn.functional.conv2d(x.detach(), weight.detach(), bias.detach(), **conf)
+    )
+
+
+@pytest.mark.parametrize("shape", [(7, 10), (4, 6, 10)])
+def test_theorem1_linear_weight_gradient_2d_and_3d(shape, gen):
+    x = torch.randn(*shape, dtype=torch.float64, generator=gen, requires_grad=True)
+    weight = torch.randn(5, 10, dtype=torch.float64, generator=gen, requires_grad=True)
+    bias = torch.randn(5, dtype=torch.float64, generator=gen, requires_grad=True)
+    factors = [random_orthonormal(n, max(1, n - 3), gen) for n in shape]
+    out = lance_linear(x, weight, bias, factors)
+    delta = torch.randn(out.shape, dtype=torch.float64, generator=gen)
+    out.backward(delta)
+    projected = reconstruct(project(x.detach(), factors), factors)
+    expected = delta.reshape(-1, 5).T @ projected.reshape(-1, 10)
+    assert (weight.grad - expected).norm() / expected.norm() <= 1e-9
+    torch.testing.assert_close(x.grad, delta @ weight.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(bias.grad, delta.reshape(-1, 5).sum(0), rtol=1e-12, atol=1e-12)
+
+
+def test_theorem1_projected_gradient_is_right_projection_of_full_gradient(gen):
+    # Linear case of Theorem 1 with only the feature mode compressed:
+    # grad_LANCE = grad_full @ U U^T, so <grad_LANCE, grad_full> = |grad_LANCE|^2 >= 0
+    x = torch.randn(8, 12, dtype=torch.float64, generator=gen)
+    weight = torch.randn(3, 12, dtype=torch.float64, generator=gen, requires_grad=True)
+    u = random_orthonormal(12, 4, gen)
+    delta = torch.randn(8, 3, dtype=torch.float64, generator=gen)
+    lance_linear(x, weight, None, [None, u]).backward(delta)
+    full = delta.T @ x
+    torch.testing.assert_close(weight.grad, full @ u @ u.T)
+    assert (weight.grad * full).sum() >= 0
+    torch.testing.assert_close((weight.grad * full).sum(), weight.grad.norm() ** 2)
+
+
+class Tail(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(4, 8, 3, stride=2, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.conv2 = nn.Conv2d(8, 6, 1)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn(self.conv1(x)))
+        x = torch.relu(self.conv2(self.dw(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+LAYERS = ["conv1", "dw", "conv2", "fc"]
+
+
+def _batches(n: int = 3, b: int = 4) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(5)
+    return [torch.randn(b, 4, 10, 10, generator=g, dtype=torch.float64) for _ in range(n)]
+
+
+def _grads(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    model.zero_grad()
+    model(x).square().sum().backward()
+    return [model.get_submodule(n).weight.grad.clone() for n in LAYERS]
+
+
+def test_eps_one_reproduces_bp_gradients():
+    torch.manual_seed(0)
+    model = Tail().double().eval()
+    x = _batches(1)[0].requires_grad_(True)
+    bp = _grads(model, x)
+    bp_x = x.grad.clone()
+    subs = calibrate(model, _batches(), LAYERS, eps=1.0, num_batches=3)
+    assert all(s.ranks == list(s.input_shape) for s in subs.values())
+    with compressed(model, subs):
+        x.grad = None
+        lance = _grads(model, x)
+        torch.testing.assert_close(x.grad, bp_x)
+    for a, b in zip(bp, lance, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_compress_and_restore_swap_modules_and_share_parameters():
+    model = Tail()
+    originals = {n: model.get_submodule(n) for n in LAYERS}
+    subs = calibrate(model, [b.float() for b in _batches()], LAYERS, eps=0.8, num_batches=3)
+    keys = set(model.state_dict())
+    compress(model, subs)
+    assert isinstance(model.conv1, LanceConv2d) and isinstance(model.fc, LanceLinear)
+    assert isinstance(model.conv1, nn.Conv2d)  # still found by Conv2d searches
+    assert model.conv1.weight is originals["conv1"].weight
+    assert set(model.state_dict()) == keys
+    out = model(_batches(1)[0].float())
+    assert out.shape == (4, 3)
+    restore(model)
+    assert all(model.get_submodule(n) is originals[n] for n in LAYERS)
+
+
+def test_measured_saved_bytes_of_compressed_layer_equal_core_size():
+    conv = nn.Sequential()
+    conv.conv = nn.Conv2d(16, 8, 3, padding=1)
+    g = torch.Generator().manual_seed(2)
+    mixing = torch.randn(16, 2, generator=g)  # channels span a 2-D subspace, plus noise
+
+    def sample() -> torch.Tensor:
+        latent = torch.randn(8, 2, 12, 12, generator=g)
+        return torch.einsum("cl,blhw->bchw", mixing, latent) + 0.05 * torch.randn(8, 16, 12, 12, generator=g)
+
+    data = [sample() for _ in range(4)]
+    subs = calibrate(conv, data, ["conv"], eps=0.6, num_batches=4)
+    ranks = subs["conv"].ranks
+    x = sample()
+    bp = measure_saved_tensors(conv, lambda: conv(x).sum())
+    assert bp.by_module["conv"] == x.numel() * 4
+    compress(conv, subs)
+    lance = measure_saved_tensors(conv, lambda: conv(x).sum())
+    assert lance.by_module["conv"] == math.prod(ranks) * 4
+    assert lance.activation_bytes == math.prod(ranks) * 4
+    assert lance.activation_bytes < x.numel() * 4 / 4
+    # the factors are shared buffers, counted apart from activations
+    assert lance.buffer_bytes == sum(n * r * 4 for n, r in zip(x.shape, ranks, strict=True))
+
+
+def test_measured_bytes_do_not_grow_with_input_size_beyond_core():
+    # spatial modes uncompressed, batch/channel compressed: kept bytes = r_B r_C H W
+    model = nn.Sequential()
+    model.conv = nn.Conv2d(8, 4, 3, padding=1)
+    data = [torch.randn(6, 8, 7, 7) for _ in range(3)]
+    subs = calibrate(model, data, ["conv"], eps=0.5, num_batches=3, modes=(0, 1))
+    rb, rc = subs["conv"].ranks[:2]
+    compress(model, subs)
+    report = measure_saved_tensors(model, lambda: model(data[0]).sum())
+    assert report.activation_bytes == rb * rc * 7 * 7 * 4
+
+
+def test_wrong_batch_size_names_the_fix():
+    model = Tail()
+    subs = calibrate(model, [b.float() for b in _batches()], LAYERS, num_batches=3)
+    compress(model, subs)
+    with pytest.raises(ValueError, match="drop_last=True.*modes that exclude the batch mode"):
+        model(torch.randn(3, 4, 10, 10))
+    with pytest.raises(ValueError, match="mode 2 has size 24, but it was calibrated with size 10"):
+        model(torch.randn(4, 4, 24, 24))
+
+
+def test_no_batch_mode_accepts_any_batch_size():
+    model = Tail()
+    subs = calibrate(model, [b.float() for b in _batches()], LAYERS, num_batches=3, modes="no_batch")
+    compress(model, subs)
+    for b in (1, 3, 7):
+        model(torch.randn(b, 4, 10, 10)).sum().backward()
+
+
+def test_training_with_lance_lowers_the_loss():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(4, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(16, 3),
+    )
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(32, 4, 10, 10, generator=g) + torch.randn(32, 4, 1, 1, generator=g)
+    y = x[:, :3].mean((2, 3)).argmax(1)  # a learnable rule
+    subs = calibrate(model, [x] * 2, ["0", "4"], eps=0.9, num_batches=2)
+    assert math.prod(subs["0"].ranks) < x.numel() / 2  # compression is really on
+    compress(model, subs)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    losses = []
+    for _ in range(40):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.3 * losses[0]
