@@ -1,0 +1,150 @@
+"""Pretraining cache: reuse, integrity checks, determinism."""
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from lance_lib import pretrain as pretrain_module
+from lance_lib.pretrain import (
+    CheckpointWarning,
+    checkpoint_path,
+    pretrain,
+    pretrain_settings,
+    state_dict_sha256,
+)
+
+TINY = dict(resolution=16, epochs=1, batch_size=16, lr=0.05, seed=3, progress=False)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small models run as fast on one thread, and far faster on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _tiny_loaders(settings, root):
+    """Two separable classes of 16x16 images, loaded as the data API would."""
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(64) % 2
+    images = torch.randn(64, 3, 16, 16, generator=generator) + labels.view(-1, 1, 1, 1)
+    data = TensorDataset(images, labels)
+    shuffle = torch.Generator().manual_seed(settings["seed"])
+    train = DataLoader(data, settings["batch_size"], shuffle=True, generator=shuffle)
+    return train, DataLoader(data, 64), 2
+
+
+@pytest.fixture
+def tiny_data(monkeypatch):
+    monkeypatch.setattr(pretrain_module, "_make_loaders", _tiny_loaders)
+
+
+def _run(cache_dir):
+    return pretrain("mcunet", "tiny", [0, 1], cache_dir=cache_dir, **TINY)
+
+
+def _weights_equal(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_checkpoint_name_is_readable_and_keyed_by_settings(tmp_path):
+    kwargs = dict(resolution=32, epochs=10, batch_size=64, lr=0.05, seed=0)
+    settings = pretrain_settings("resnet18", "cifar10_mini", range(5), **kwargs)
+    path = checkpoint_path(settings, tmp_path)
+    assert path.parent == tmp_path
+    assert path.name.startswith("resnet18-cifar10_mini-c0-4-r32-e10-s0-")
+    other = pretrain_settings("resnet18", "cifar10_mini", range(5), **{**kwargs, "lr": 0.1})
+    assert checkpoint_path(other, tmp_path) != path
+
+
+def test_cache_is_reused(tmp_path, tiny_data, monkeypatch):
+    first = _run(tmp_path)
+    record = first.pretrain_record
+    assert not record["cached"] and record["num_classes"] == 2
+    assert 0.0 <= record["test_accuracy"] <= 1.0
+    assert not first.training
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a cached checkpoint must not be retrained")
+
+    monkeypatch.setattr(pretrain_module, "_train", no_training)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CheckpointWarning)
+        second = _run(tmp_path)
+    assert second.pretrain_record["cached"]
+    assert second.pretrain_record["checkpoint"] == record["checkpoint"]
+    assert _weights_equal(first, second)
+    assert [p.name for p in tmp_path.iterdir()] == [Path(record["checkpoint"]).name]
+
+
+def test_truncated_checkpoint_is_detected_and_rebuilt(tmp_path, tiny_data):
+    first = _run(tmp_path)
+    path = Path(first.pretrain_record["checkpoint"])
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.warns(CheckpointWarning, match="unusable"):
+        rebuilt = _run(tmp_path)
+    assert not rebuilt.pretrain_record["cached"]
+    assert _weights_equal(first, rebuilt)  # same seed, same weights
+    assert _run(tmp_path).pretrain_record["cached"]  # the rebuilt file is intact
+
+
+def test_tampered_weights_fail_the_hash(tmp_path, tiny_data):
+    first = _run(tmp_path)
+    path = first.pretrain_record["checkpoint"]
+    payload = torch.load(path, weights_only=True)
+    payload["state_dict"]["classifier.1.bias"] += 1.0
+    torch.save(payload, path)
+    with pytest.warns(CheckpointWarning, match="SHA-256"):
+        assert not _run(tmp_path).pretrain_record["cached"]
+
+
+def test_settings_mismatch_is_rebuilt(tmp_path, tiny_data):
+    first = _run(tmp_path)
+    path = first.pretrain_record["checkpoint"]
+    payload = torch.load(path, weights_only=True)
+    payload["settings"]["epochs"] = 99
+    torch.save(payload, path)
+    with pytest.warns(CheckpointWarning, match="different settings"):
+        assert not _run(tmp_path).pretrain_record["cached"]
+
+
+def test_global_random_state_is_left_untouched(tmp_path, tiny_data):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    for _ in range(2):  # a training run, then a cache hit
+        torch.manual_seed(123)
+        _run(tmp_path)
+        assert torch.equal(torch.rand(3), expected)
+
+
+def test_state_dict_sha256_sees_every_byte():
+    state = {"w": torch.zeros(3), "n": torch.tensor(0)}
+    digest = state_dict_sha256(state)
+    assert digest == state_dict_sha256({k: v.clone() for k, v in state.items()})
+    state["w"][1] = 1e-30
+    assert state_dict_sha256(state) != digest
+
+
+def test_default_cache_dir_is_under_the_data_root(tmp_path, tiny_data, monkeypatch):
+    monkeypatch.setenv("LANCE_DATA", str(tmp_path))
+    model = pretrain("mcunet", "tiny", [0, 1], **TINY)
+    assert Path(model.pretrain_record["checkpoint"]).parent == tmp_path / "checkpoints"
+
+
+def test_loaders_come_from_the_data_api():
+    settings = pretrain_settings(
+        "mcunet", "cifar10_mini", [3, 5], resolution=16, epochs=1, batch_size=50, lr=0.1, seed=0
+    )
+    train, test, num_classes = pretrain_module._make_loaders(settings, None)
+    assert num_classes == 2
+    assert (len(train.dataset), len(test.dataset)) == (1000, 200)
+    images, labels = next(iter(train))
+    assert images.shape == (50, 3, 16, 16)
+    assert set(labels.tolist()) <= {0, 1}
