@@ -1,0 +1,122 @@
+"""Baselines and the method registry: exact gradients at full rank, training, accounting."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lance_lib.baselines import AsiConv2d, subspace_iteration_step
+from lance_lib.data import get_dataset
+from lance_lib.methods import METHODS, angle_to_bp, apply_method, measure_method
+
+LAYERS = ["0", "2", "6"]  # two convs (one strided) and the classifier
+
+
+def small_cnn(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 12, 3, padding=1, stride=2),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(48, 3),
+    )
+
+
+@pytest.fixture(scope="module")
+def batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """Real embedded CIFAR-10 images at 12x12, three classes."""
+    ds = get_dataset("cifar10_mini", "train", resolution=12, augment=False)
+    idx = [i for i, t in enumerate(ds.targets) if t < 3][:24]
+    x = torch.stack([ds[i][0] for i in idx])
+    y = torch.tensor([ds.targets[i] for i in idx])
+    return x, y
+
+
+def grads(model: nn.Module, fwd: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+    for p in model.parameters():
+        p.grad = None
+    nn.functional.cross_entropy(fwd(x), y).backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("method", ["lance", "hosvd", "asi", "loract", "checkpoint"])
+def test_full_rank_gradients_equal_bp(method, batch):
+    x, y = batch
+    bp_model = small_cnn()
+    reference = grads(bp_model, bp_model, x, y)
+    model = small_cnn()
+    handle = apply_method(
+        model, method, LAYERS, calib_loader=[batch], num_batches=1, eps=1.0, rank_ratio=1.0
+    )
+    for _ in range(2):  # ASI's second step is a warm-started subspace iteration
+        got = grads(model, handle.model, x, y)
+    for a, b in zip(reference, got, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    handle.restore()
+    assert all(type(model.get_submodule(n)) in (nn.Conv2d, nn.Linear) for n in LAYERS)
+
+
+@pytest.mark.parametrize("method", ["hosvd", "asi", "loract"])
+def test_low_rank_methods_approximate_and_store_less(method, batch):
+    x, y = batch
+    model = small_cnn()
+    handle = apply_method(model, method, LAYERS, eps=0.6, rank_ratio=0.25)
+    angle = angle_to_bp(handle, batch, [model[0].weight, model[2].weight])
+    assert 0.01 < angle < 90.0
+    m = measure_method(handle, batch, repeats=1, warmup=0)
+    assert m["analytic_mb"] < m["analytic_bp_mb"]
+    bp = measure_method(apply_method(small_cnn(), "bp", LAYERS), batch, repeats=1, warmup=0)
+    assert m["measured_layer_bytes"] < bp["measured_layer_bytes"]
+    assert m["flops_measured"] > 0 and len(m["step_s"]) == 1
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_each_method_lowers_the_loss(method, batch):
+    x, y = batch
+    model = small_cnn(1)
+    model.requires_grad_(False)
+    for n in LAYERS:
+        model.get_submodule(n).requires_grad_(True)
+    handle = apply_method(model, method, LAYERS, calib_loader=[batch], num_batches=1, eps=0.9)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+    with torch.no_grad(), handle.bypassed():
+        before = nn.functional.cross_entropy(handle.model(x), y).item()
+    for _ in range(15):
+        opt.zero_grad()
+        nn.functional.cross_entropy(handle.model(x), y).backward()
+        opt.step()
+    with torch.no_grad(), handle.bypassed():
+        after = nn.functional.cross_entropy(handle.model(x), y).item()
+    assert after < 0.9 * before
+
+
+def test_asi_warm_start_keeps_ranks_and_orthonormal_factors(batch):
+    x, _ = batch
+    conv = small_cnn()[0]
+    layer = AsiConv2d(conv, "conv", eps=0.7)
+    layer(x).sum().backward()
+    ranks = list(layer.ranks)
+    first = [u.clone() for u in layer.factors]
+    layer(x.flip(-1)).sum().backward()
+    assert layer.ranks == ranks
+    assert any(not torch.allclose(a, b) for a, b in zip(first, layer.factors, strict=True))
+    for u in layer.factors:
+        torch.testing.assert_close(u.T @ u, torch.eye(u.shape[1]), atol=1e-5, rtol=0)
+    # one step from the exact top subspace stays in it
+    u = subspace_iteration_step(x, 1, first[1])
+    torch.testing.assert_close(u @ u.T @ first[1], first[1], atol=1e-4, rtol=0)
+
+
+def test_bad_input_gives_clear_errors():
+    with pytest.raises(ValueError, match="unknown method"):
+        apply_method(small_cnn(), "sgd", LAYERS)
+    with pytest.raises(ValueError, match="calib_loader"):
+        apply_method(small_cnn(), "lance", LAYERS)
+    with pytest.raises(ValueError, match="rank_ratio"):
+        apply_method(small_cnn(), "loract", LAYERS, rank_ratio=0.0)
+    with pytest.raises(KeyError):
+        apply_method(small_cnn(), "hosvd", ["nope"])
