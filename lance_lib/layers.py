@@ -174,7 +174,12 @@ class _LanceConv2dFunction(torch.autograd.Function):
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = torch.nn.grad.conv2d_input(
-                x_shape, weight, grad_out, stride=stride, padding=padding, dilation=dilation,
+                x_shape,
+                weight,
+                grad_out,
+                stride=stride,
+                padding=padding,
+                dilation=dilation,
                 groups=groups,
             )
         if ctx.needs_input_grad[1]:
@@ -229,7 +234,9 @@ def lance_conv2d(
     computed at every step.
     """
     check_input_shape(x, factors, "conv2d")
-    return _LanceConv2dFunction.apply(x, weight, bias, tuple(factors), stride, padding, dilation, groups)
+    return _LanceConv2dFunction.apply(
+        x, weight, bias, tuple(factors), stride, padding, dilation, groups
+    )
 
 
 def lance_linear(
@@ -278,16 +285,30 @@ class LanceConv2d(_LanceMixin, nn.Conv2d):
         elif isinstance(padding, str):
             raise ValueError(f"{name}: padding={padding!r} is not supported; give explicit padding")
         nn.Conv2d.__init__(
-            self, conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
-            padding, conv.dilation, conv.groups, conv.bias is not None, device="meta",
+            self,
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            padding,
+            conv.dilation,
+            conv.groups,
+            conv.bias is not None,
+            device="meta",
         )
         self._adopt(conv, subspace, name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input_shape(x, self.factors, self.layer_name or "LanceConv2d")
         return _LanceConv2dFunction.apply(
-            x, self.weight, self.bias, tuple(self.factors), self.stride, self.padding,
-            self.dilation, self.groups,
+            x,
+            self.weight,
+            self.bias,
+            tuple(self.factors),
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
         )
 
 
@@ -311,30 +332,48 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def compress(model: nn.Module, subspaces: Subspaces) -> nn.Module:
+def compress(model: nn.Module, subspaces: Subspaces, lean: bool = False) -> nn.Module:
     """Replace the calibrated Conv2d / Linear modules of ``model`` by LANCE versions.
 
     In place; returns ``model``.  Every layer named in ``subspaces`` must exist and be
     of the kind it was calibrated as.  Already compressed layers are first restored.
+
+    With ``lean=True`` the layers around them are also swapped for their exact lean
+    companions (:func:`lance_lib.lean.make_lean`): ReLU / ReLU6 keep a 1-bit mask
+    instead of their output, BatchNorm with running statistics and frozen weight
+    keeps only a per-channel scale, so the whole trainable region - not only the
+    compressed layers' inputs - keeps little for backward.  Gradients are unchanged.
+    ``lean=False`` undoes earlier lean swaps, if any.
     """
+    from . import lean as lean_module  # imported lazily: no import cycle through layers
+
     modules = resolve_layers(model, list(subspaces))
     for name, module in modules.items():
         sub = subspaces[name]
         original = getattr(module, "_original", module)
         if isinstance(original, nn.Conv2d) != (sub.kind == "conv2d"):
-            raise TypeError(f"layer {name!r} is a {type(original).__name__}, calibrated as {sub.kind}")
+            raise TypeError(
+                f"layer {name!r} is a {type(original).__name__}, calibrated as {sub.kind}"
+            )
         cls = LanceConv2d if sub.kind == "conv2d" else LanceLinear
         _set_submodule(model, name, cls(original, sub, name))
+    if lean:
+        lean_module.make_lean(model)
+    else:
+        lean_module.undo_lean(model)
     return model
 
 
 def restore(model: nn.Module) -> nn.Module:
-    """Put back the original modules replaced by :func:`compress`; in place."""
+    """Put back the original modules replaced by :func:`compress` (lean ones too); in place."""
+    from . import lean as lean_module
+
     for name, module in list(model.named_modules()):
         if isinstance(module, (LanceConv2d, LanceLinear)):
             original = module._original
             original.train(module.training)
             _set_submodule(model, name, original)
+    lean_module.undo_lean(model)
     return model
 
 
