@@ -13,7 +13,7 @@ export MPLBACKEND := Agg
 
 NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
 EXECUTED := $(patsubst notebooks/%.ipynb,build/$(PROFILE)/%.ipynb,$(NOTEBOOKS))
-LIBRARY := $(wildcard lance_lib/*.py lance_lib/*/*.py)
+LIBRARY := $(wildcard lance_lib/*.py lance_lib/*/*.py lance_lib/resources/*.csv)
 FORCE_FLAG := $(if $(FORCE),--force,)
 
 .PHONY: all venv test figures lab bench lint format clean
@@ -33,8 +33,12 @@ test: $(STAMP)
 
 # One executed notebook per source notebook; re-runs only when the notebook, the
 # profile or the library changed (or FORCE=1).  Safe under make -j.
+# The runner skips a notebook whose fingerprint (cells, parameters, inputs, library) is
+# unchanged, and writes build/$(PROFILE)/<name>.d listing the extra inputs it declares.
 build/$(PROFILE)/%.ipynb: notebooks/%.ipynb profiles/$(PROFILE).yaml $(LIBRARY) $(STAMP)
 	$(PY) -m lance_lib.notebook_runner $< $@ --profile $(PROFILE) $(FORCE_FLAG)
+
+-include $(wildcard build/$(PROFILE)/*.d)
 
 figures: $(STAMP) $(EXECUTED)
 	@echo "figures/ is up to date for profile $(PROFILE)"

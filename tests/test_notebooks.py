@@ -1,0 +1,163 @@
+"""Execute every notebook with the smoke profile through papermill and check its outputs.
+
+The runner's own behaviour (parameter merging and checking, fingerprint skip, atomic
+output, kept failures) is tested on tiny notebooks.  Notebook outputs go to a temporary
+folder; pretrained checkpoints are shared through the data root's cache.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from lance_lib.notebook_runner import fingerprint, load_profile, notebook_parameters, run_notebook
+
+pytestmark = pytest.mark.notebooks
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+PROFILES = ROOT / "profiles"
+
+
+def _tiny_notebook(path: Path, body: str) -> Path:
+    params = nbformat.v4.new_code_cell('profile = "x"\noutputs_dir = "."\nforce = False\nsize = 1')
+    params.metadata["tags"] = ["parameters"]
+    nb = nbformat.v4.new_notebook(cells=[params, nbformat.v4.new_code_cell(body)])
+    nb.metadata["kernelspec"] = {"name": "lance", "display_name": "lance", "language": "python"}
+    nbformat.write(nb, path)
+    return path
+
+
+@pytest.fixture
+def profiles(tmp_path: Path) -> Path:
+    d = tmp_path / "profiles"
+    d.mkdir()
+    (d / "t.yaml").write_text("common: {size: 2, unused: 1}\ntiny: {size: 3, inputs: [in.txt]}\n")
+    return d
+
+
+def test_parameters_merge_and_checks(tmp_path, profiles):
+    nb = _tiny_notebook(tmp_path / "tiny.ipynb", "pass")
+    params, inputs = notebook_parameters(nb, "t", profiles_dir=profiles, outputs_dir=tmp_path)
+    assert params["size"] == 3 and "unused" not in params  # section beats common
+    assert params["profile"] == "t" and params["force"] is False and inputs == ["in.txt"]
+    with pytest.raises(ValueError, match="declares only"):
+        notebook_parameters(nb, "t", profiles_dir=profiles, overrides={"nope": 1})
+    with pytest.raises(FileNotFoundError, match="profiles"):
+        load_profile("missing", profiles)
+
+
+def test_every_notebook_is_clean_and_in_every_profile():
+    assert NOTEBOOKS, "no notebooks found"
+    for name in ("smoke", "cpu", "paper"):
+        data = load_profile(name, PROFILES)
+        for path in NOTEBOOKS:
+            assert path.stem in data, f"profiles/{name}.yaml has no section for {path.name}"
+            notebook_parameters(path, name, profiles_dir=PROFILES)  # every key is declared
+    for path in NOTEBOOKS:
+        nb = nbformat.read(path, as_version=4)
+        for cell in nb.cells:
+            if cell.cell_type == "code":
+                assert not cell.outputs and cell.execution_count is None, f"{path.name} has outputs"
+
+
+def test_runner_skips_unchanged_and_keeps_failures(tmp_path, profiles):
+    nb = _tiny_notebook(
+        tmp_path / "tiny.ipynb",
+        "from pathlib import Path\n(Path(outputs_dir) / 'n.txt').write_text(str(size))",
+    )
+    (tmp_path / "in.txt").write_text("a")
+    out, figs = tmp_path / "build" / "tiny.ipynb", tmp_path / "figs"
+    kw = {"profile": "t", "profiles_dir": profiles, "outputs_dir": figs}
+    params, inputs = notebook_parameters(nb, "t", profiles_dir=profiles, outputs_dir=figs)
+    before = fingerprint(nb, params, [str(tmp_path / "in.txt")])
+    assert run_notebook(nb, out, **kw) is True
+    assert (figs / "n.txt").read_text() == "3"
+    assert nbformat.read(out, as_version=4).metadata["lance"]["parameters"]["size"] == 3
+    assert out.with_suffix(".d").read_text().startswith(f"{out}: in.txt")
+    assert run_notebook(nb, out, **kw) is False  # fingerprint unchanged: skipped
+    assert run_notebook(nb, out, force=True, **kw) is True
+    (tmp_path / "in.txt").write_text("b")
+    assert fingerprint(nb, params, [str(tmp_path / "in.txt")]) != before
+
+    bad = _tiny_notebook(tmp_path / "bad.ipynb", "raise RuntimeError('boom')")
+    with pytest.raises(Exception, match="boom"):
+        run_notebook(bad, tmp_path / "build" / "bad.ipynb", **kw)
+    assert not (tmp_path / "build" / "bad.ipynb").exists()
+    assert (tmp_path / "build" / "bad.failed.ipynb").exists()
+
+
+@pytest.fixture(scope="module")
+def smoke_outputs(tmp_path_factory) -> Path:
+    """Run every notebook once with the smoke profile; return the outputs folder."""
+    base = tmp_path_factory.mktemp("smoke")
+    for path in NOTEBOOKS:
+        run_notebook(
+            path,
+            base / "build" / path.name,
+            profile="smoke",
+            profiles_dir=PROFILES,
+            outputs_dir=base / "figures",
+            force=True,
+        )
+    return base
+
+
+def _figure_ok(figures: Path, stem: str) -> dict:
+    for suffix in (".png", ".pdf"):
+        assert (figures / f"{stem}{suffix}").stat().st_size > 1000, f"{stem}{suffix} missing"
+    meta = json.loads((figures / f"{stem}.provenance.json").read_text())
+    assert meta["profile"] == "smoke" and meta["datasets"] and meta["models"]
+    return meta
+
+
+def test_all_notebooks_executed(smoke_outputs):
+    for path in NOTEBOOKS:
+        nb = nbformat.read(smoke_outputs / "build" / path.name, as_version=4)
+        assert nb.metadata["lance"]["profile"] == "smoke"
+    assert not list(smoke_outputs.rglob("*.tmp"))
+
+
+def test_teaching_notebook(smoke_outputs):
+    figures = smoke_outputs / "figures"
+    _figure_ok(figures, "teach_spectra")
+    _figure_ok(figures, "teach_eps")
+    rows = json.loads((figures / "results" / "teach_eps.json").read_text())["rows"]
+    ratios = [r["memory_ratio"] for r in rows]
+    assert all(0 < q < 1 for q in ratios)
+    assert ratios == sorted(ratios)  # Eq. (3): ranks never shrink as eps grows
+    assert all(0 <= r["angle_deg"] <= 90 for r in rows)
+    spectra = json.loads((figures / "results" / "teach_spectra.json").read_text())
+    for energy in spectra["cumulative_energy"].values():
+        assert energy[-1] == pytest.approx(1.0) and energy == sorted(energy)
+
+
+@pytest.mark.skipif(not (ROOT / "notebooks" / "fig4_eps_gradient.ipynb").exists(), reason="absent")
+def test_fig4_eps(smoke_outputs):
+    figures = smoke_outputs / "figures"
+    _figure_ok(figures, "fig4_eps_gradient")
+    rows = json.loads((figures / "results" / "fig4_eps_gradient.json").read_text())["rows"]
+    assert rows
+    for r in rows:
+        assert 0 <= r["angle_mean"] <= 90 and r["angle_std"] >= 0
+        assert 0 < r["memory_ratio"] < 1 and 0 < r["measured_memory_ratio"] < 1  # LANCE < BP
+        assert 0 <= r["accuracy"] <= 100 and 0 <= r["bp_accuracy"] <= 100
+    assert "(paper)" not in (figures / "fig4_eps_gradient.md").read_text()
+    assert "\\toprule" in (figures / "fig4_eps_gradient.tex").read_text()
+
+
+@pytest.mark.skipif(not (ROOT / "notebooks" / "table3_continual.ipynb").exists(), reason="absent")
+def test_table3_continual(smoke_outputs):
+    figures = smoke_outputs / "figures"
+    _figure_ok(figures, "table3_acc_matrices")
+    result = json.loads((figures / "results" / "table3_continual.json").read_text())
+    for r in result["rows"]:
+        assert 0 <= r["ACC"] <= 100 and r["Mem_MB"] >= 0
+        assert r["BWT"] is None or -100 <= r["BWT"] <= 100
+    for matrix in result["acc_matrices"].values():
+        assert all(0 <= v <= 100 for row in matrix for v in row)
+    md = (figures / "table3_continual.md").read_text()
+    assert "ACC (paper)" in md and "ACC (ours)" in md and "ACC (ours-paper)" in md

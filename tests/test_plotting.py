@@ -1,0 +1,155 @@
+"""Tests of the figure/table writers, the paper-vs-ours helper and the paper's numbers."""
+
+from __future__ import annotations
+
+import json
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import pytest
+
+from lance_lib.paper_numbers import paper_table, paper_tables, paper_value
+from lance_lib.plotting import (
+    Provenance,
+    paper_vs_ours,
+    plot_accuracy_matrix,
+    save_figure,
+    save_table,
+    table_to_latex,
+    table_to_markdown,
+    use_style,
+)
+
+PROV = Provenance("smoke", ["cifar10_mini"], ["resnet18"], ["1 epoch"])
+
+
+def test_save_figure_writes_png_pdf_and_provenance(tmp_path):
+    use_style()
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    written = save_figure(fig, tmp_path / "sub" / "fig", provenance=PROV)
+    names = sorted(p.name for p in written)
+    assert names == ["fig.pdf", "fig.png", "fig.provenance.json"]
+    assert (tmp_path / "sub" / "fig.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "sub" / "fig.pdf").read_bytes()[:5] == b"%PDF-"
+    meta = json.loads((tmp_path / "sub" / "fig.provenance.json").read_text())
+    assert meta["profile"] == "smoke" and meta["models"] == ["resnet18"]
+    assert not list((tmp_path / "sub").glob("*.tmp"))  # nothing half-written left
+
+
+def test_save_figure_rejects_suffix(tmp_path):
+    fig, _ = plt.subplots()
+    with pytest.raises(ValueError, match="suffix"):
+        save_figure(fig, tmp_path / "fig.png")
+    plt.close(fig)
+
+
+def test_save_table_markdown_and_booktabs(tmp_path):
+    df = pd.DataFrame({"method": ["BP", "LANCE_2"], "MB": [24.5, float("nan")], "n": [1, 2]})
+    save_table(df, tmp_path / "t", caption="Memory & more", provenance=PROV)
+    md = (tmp_path / "t.md").read_text()
+    assert "| method | MB | n |" in md and "|---|---:|---:|" in md
+    assert "| LANCE_2 |  | 2 |" in md  # NaN is an empty cell
+    assert "profile: smoke" in md
+    tex = (tmp_path / "t.tex").read_text()
+    for rule in (r"\toprule", r"\midrule", r"\bottomrule", r"\caption{Memory \& more"):
+        assert rule in tex
+    assert r"LANCE\_2" in tex and "24.50" in tex
+    with pytest.raises(TypeError):
+        save_table([1, 2], tmp_path / "bad")
+
+
+def test_markdown_and_latex_escape_specials():
+    df = pd.DataFrame({"a|b": ["x|y"], "p%": ["50%"]})
+    assert r"x\|y" in table_to_markdown(df)
+    assert r"50\%" in table_to_latex(df) and r"p\%" in table_to_latex(df)
+
+
+def test_paper_vs_ours_side_by_side():
+    ours = pd.DataFrame({"model": ["R18", "R18"], "method": ["BP", "LANCE"], "Acc": [90.0, 88.0]})
+    paper = pd.DataFrame({"model": ["R18"], "method": ["BP"], "Acc": [92.5]})
+    out = paper_vs_ours(ours, paper, ["model", "method"], ["Acc"])
+    assert list(out.columns) == ["model", "method", "Acc (paper)", "Acc (ours)", "Acc (ours-paper)"]
+    assert out["Acc (ours-paper)"].iloc[0] == pytest.approx(-2.5)
+    assert np.isnan(out["Acc (paper)"].iloc[1]) and np.isnan(out["Acc (ours-paper)"].iloc[1])
+    with pytest.raises(KeyError, match="MB"):
+        paper_vs_ours(ours, paper, ["model"], ["MB"])
+    with pytest.raises(ValueError, match="several rows"):
+        paper_vs_ours(ours, pd.concat([paper, paper]), ["model", "method"], ["Acc"])
+
+
+def test_plot_accuracy_matrix_masks_unseen_tasks():
+    a = np.array([[0.9, 0.1, 0.2], [0.85, 0.8, 0.3], [0.8, 0.75, 0.7]])
+    ax = plot_accuracy_matrix(a, title="t")
+    texts = sorted(t.get_text() for t in ax.texts)
+    assert len(texts) == 6  # lower triangle only, as percentages
+    assert "90" in texts and "10" not in texts
+    plt.close(ax.figure)
+    with pytest.raises(ValueError, match="square"):
+        plot_accuracy_matrix(np.zeros((2, 3)))
+
+
+def test_provenance_requires_profile():
+    with pytest.raises(ValueError):
+        Provenance("", ["d"], ["m"])
+    assert Provenance("cpu", "cifar10", "mcunet").caption().startswith("profile: cpu")
+
+
+# The paper's numbers: a sample of cells checked against the paper's text by hand.
+@pytest.mark.parametrize(
+    ("table", "metric", "keys", "value"),
+    [
+        (1, "MB", {"model": "ResNet18", "method": "BP", "layers": 4}, 61.25),
+        (1, "Acc", {"model": "ResNet34", "method": "LANCE", "layers": 2}, 58.59),
+        (
+            2,
+            "Acc",
+            {"model": "MobileNetV2", "method": "ASI", "layers": 2, "dataset": "CUB200"},
+            46.44,
+        ),
+        (
+            2,
+            "MB",
+            {"model": "ResNet18", "method": "LANCE", "layers": 4, "dataset": "CIFAR100"},
+            0.16,
+        ),
+        (3, "Mem_MB", {"method": "LANCE", "dataset": "SplitMiniImageNet"}, 32.96),
+        (3, "BWT", {"method": "CUBER", "dataset": "SplitCIFAR100"}, 0.13),
+        (
+            8,
+            "GFLOPs",
+            {
+                "model": "ResNet34",
+                "method": "LANCE",
+                "layers": 4,
+                "dataset": "CIFAR100",
+                "batch_size": 8,
+            },
+            4.161,
+        ),
+        (
+            9,
+            "MB",
+            {"model": "MCUNet", "method": "LANCE", "layers": 2, "dataset": "Pets", "batch_size": 8},
+            0.015,
+        ),
+    ],
+)
+def test_paper_value_sample(table, metric, keys, value):
+    assert paper_value(table, metric, **keys) == pytest.approx(value)
+
+
+def test_paper_tables_shape_and_errors():
+    df = paper_tables()
+    assert sorted(df["table"].unique()) == [1, 2, 3, 8, 9]
+    assert df["value"].notna().all()
+    t2 = paper_table(2, model="ResNet18", dataset="CIFAR10")
+    assert len(t2) == 8 and {"Acc", "MB", "TFLOPs"} <= set(t2.columns)
+    assert len(paper_table(3, method=["LANCE", "GPM"])) == 6
+    with pytest.raises(KeyError):
+        paper_table(7)
+    with pytest.raises(KeyError):
+        paper_table(1, metrics=["BWT"])
+    with pytest.raises(KeyError, match="selects 0"):
+        paper_value(1, "Acc", model="VGG")
