@@ -90,11 +90,14 @@ class SavedTensorReport:
     for its own backward, de-duplicated within the module: a storage saved by two
     modules (a ReLU output that is also the next conv's input) counts for both, so
     the per-module numbers may sum to more than ``activation_bytes``.  ``by_kind``
-    sums ``by_module`` per kind of module.  Parameters and buffers (LANCE's shared
+    sums ``by_module`` per kind of module.  ``buffers_by_module`` gives the buffers each
+    module saved (LANCE's factors for a compressed layer, running statistics for a
+    BatchNorm in eval mode).  Parameters and buffers (LANCE's shared
     factors are buffers) are counted apart, once each.
     """
 
     by_module: dict[str, int] = field(default_factory=dict)
+    buffers_by_module: dict[str, int] = field(default_factory=dict)
     by_kind: dict[str, int] = field(default_factory=dict)
     activation_bytes: int = 0
     parameter_bytes: int = 0
@@ -104,6 +107,10 @@ class SavedTensorReport:
     def bytes_of(self, names: Iterable[str]) -> int:
         """Activation bytes kept by the given modules."""
         return sum(self.by_module.get(n, 0) for n in names)
+
+    def buffer_bytes_of(self, names: Iterable[str]) -> int:
+        """Buffer bytes (e.g. LANCE's factors) saved for backward by the given modules."""
+        return sum(self.buffers_by_module.get(n, 0) for n in names)
 
 
 def _kind(module: nn.Module | None) -> str:
@@ -149,6 +156,7 @@ def measure_saved_tensors(model: nn.Module, run: Callable[[], object]) -> SavedT
     seen_by_module: set[tuple[str, tuple[int, int]]] = set()
     report = SavedTensorReport()
     by_module: dict[str, int] = defaultdict(int)
+    buffers_by_module: dict[str, int] = defaultdict(int)
     by_kind: dict[str, int] = defaultdict(int)
 
     def pre(module: nn.Module, _inputs: object) -> None:
@@ -162,6 +170,9 @@ def measure_saved_tensors(model: nn.Module, run: Callable[[], object]) -> SavedT
         key = _storage_key(t)
         owner = stack[-1] if stack else ""
         if key[0] in params or key[0] in buffers:
+            if key[0] in buffers and (owner, key) not in seen_by_module:
+                seen_by_module.add((owner, key))
+                buffers_by_module[owner] += key[1]
             if key not in seen:
                 seen.add(key)
                 if key[0] in params:
@@ -190,6 +201,7 @@ def measure_saved_tensors(model: nn.Module, run: Callable[[], object]) -> SavedT
         for h in handles:
             h.remove()
     report.by_module = dict(by_module)
+    report.buffers_by_module = dict(buffers_by_module)
     report.by_kind = dict(by_kind)
     return report
 

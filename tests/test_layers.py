@@ -166,7 +166,9 @@ def test_measured_saved_bytes_of_compressed_layer_equal_core_size():
     assert lance.activation_bytes == math.prod(ranks) * 4
     assert lance.activation_bytes < x.numel() * 4 / 4
     # the factors are shared buffers, counted apart from activations
-    assert lance.buffer_bytes == sum(n * r * 4 for n, r in zip(x.shape, ranks, strict=True))
+    factor_bytes = sum(n * r * 4 for n, r in zip(x.shape, ranks, strict=True))
+    assert lance.buffer_bytes == factor_bytes
+    assert lance.buffer_bytes_of(["conv"]) == factor_bytes
 
 
 def test_measured_bytes_do_not_grow_with_input_size_beyond_core():
