@@ -222,3 +222,26 @@ def test_training_with_lance_lowers_the_loss():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.3 * losses[0]
+
+
+@pytest.mark.parametrize(("n_convs", "paper_mb"), [(2, 24.5), (4, 61.25)])
+def test_published_convention_gives_papers_bp_memory_for_resnet18(n_convs, paper_mb):
+    # Table 2: BP keeps 24.5 MB (2 layers) and 61.25 MB (4 layers) for ResNet18 at 224 px,
+    # batch 128: the inputs of the last convs, 4 bytes per element.
+    from lance_lib.accounting import published_mb
+    from lance_lib.models import build_model, last_n_convs
+
+    model = build_model("resnet18", 10).eval()
+    names = [name for name, _ in last_n_convs(model, n_convs)]
+    shapes = {}
+    hooks = [
+        model.get_submodule(n).register_forward_pre_hook(
+            lambda m, i, n=n: shapes.__setitem__(n, i[0].shape[1:])
+        )
+        for n in names
+    ]
+    with torch.no_grad():
+        model(torch.zeros(1, 3, 224, 224))
+    for h in hooks:
+        h.remove()
+    assert published_mb([128 * math.prod(shapes[n]) for n in names]) == paper_mb
