@@ -83,7 +83,11 @@ def core_setting(args: argparse.Namespace) -> CoreSetting:
     split_a, split_b = two_class_splits(10, seed=args.seed)
     if args.weights == "pretrained":
         model = pretrain(
-            "resnet18", "cifar10_mini", split_a, epochs=args.pretrain_epochs, seed=args.seed,
+            "resnet18",
+            "cifar10_mini",
+            split_a,
+            epochs=args.pretrain_epochs,
+            seed=args.seed,
             progress=False,
         )
     else:

@@ -169,8 +169,10 @@ def resolve_layers(model: nn.Module, layers: Iterable[str] | str) -> dict[str, n
         module = modules.get(name)
         if module is None or not isinstance(module, COMPRESSIBLE):
             candidates = [n for n, m in modules.items() if isinstance(m, COMPRESSIBLE)]
-            why = "is not a module of the model" if module is None else (
-                f"is a {type(module).__name__}, not a Conv2d or Linear"
+            why = (
+                "is not a module of the model"
+                if module is None
+                else (f"is a {type(module).__name__}, not a Conv2d or Linear")
             )
             raise KeyError(
                 f"layer {name!r} {why}; Conv2d/Linear layers are: "
@@ -198,7 +200,9 @@ def _normalise_modes(modes: Modes, ndim: int, name: str) -> list[int]:
     if modes == "no_batch":
         return list(range(1, ndim))
     if isinstance(modes, str):
-        raise ValueError(f"modes must be indices, a per-layer mapping, 'all' or 'no_batch'; got {modes!r}")
+        raise ValueError(
+            f"modes must be indices, a per-layer mapping, 'all' or 'no_batch'; got {modes!r}"
+        )
     out = []
     for m in modes:
         if not -ndim <= m < ndim:
@@ -256,7 +260,9 @@ def collect_covariances(
                 )
             if name not in covs:
                 chosen = _normalise_modes(modes, x.ndim, name)
-                covs[name] = [ModeCovariance(x.shape[i]) if i in chosen else None for i in range(x.ndim)]
+                covs[name] = [
+                    ModeCovariance(x.shape[i]) if i in chosen else None for i in range(x.ndim)
+                ]
                 shapes[name] = tuple(x.shape)
             elif x.ndim != len(shapes[name]):
                 raise ValueError(f"layer {name!r} saw inputs of different ranks during calibration")
@@ -401,7 +407,9 @@ def calibrate(
     settings = {
         "eps": eps,
         "num_batches": int(num_batches),
-        "modes": modes if modes is None or isinstance(modes, str) else (
+        "modes": modes
+        if modes is None or isinstance(modes, str)
+        else (
             {k: [int(m) for m in v] for k, v in modes.items()}
             if isinstance(modes, Mapping)
             else [int(m) for m in modes]

@@ -150,7 +150,9 @@ def energy_rank(eigenvalues: torch.Tensor, eps: float) -> int:
     return min(n, int(torch.count_nonzero(ratio < eps - 1e-12)) + 1)
 
 
-def cl_energy_rank(eigenvalues: torch.Tensor, projected_eigenvalues: torch.Tensor, eps: float) -> int:
+def cl_energy_rank(
+    eigenvalues: torch.Tensor, projected_eigenvalues: torch.Tensor, eps: float
+) -> int:
     """Number of new directions for the continual-learning memory, Eq. (5).
 
     Eq. (5) of LANCE selects the smallest ``r`` with
@@ -290,6 +292,8 @@ def _present(
     factors: Sequence[torch.Tensor | None], ndim: int
 ) -> tuple[list[torch.Tensor], list[int]]:
     if len(factors) != ndim:
-        raise ValueError(f"expected {ndim} factors (one per mode, None to skip), got {len(factors)}")
+        raise ValueError(
+            f"expected {ndim} factors (one per mode, None to skip), got {len(factors)}"
+        )
     pairs = [(u, i) for i, u in enumerate(factors) if u is not None]
     return [u for u, _ in pairs], [i for _, i in pairs]

@@ -77,9 +77,7 @@ def read_json(path: str | os.PathLike) -> Any | None:
         return None
 
 
-def cached_json(
-    path: str | os.PathLike, compute: Callable[[], Any], force: bool = False
-) -> Any:
+def cached_json(path: str | os.PathLike, compute: Callable[[], Any], force: bool = False) -> Any:
     """Return the result stored at ``path``, or ``compute()`` it and store it atomically."""
     if not force:
         cached = read_json(path)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from lance_lib import Subspaces, calibrate
-from lance_lib.hosvd import ModeCovariance, unfold
+from lance_lib.hosvd import ModeCovariance
 
 
 class Net(nn.Module):
@@ -26,9 +26,13 @@ class Net(nn.Module):
         return self.fc(x.flatten(1))
 
 
-def loader(n_batches: int = 4, batch: int = 6, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def loader(
+    n_batches: int = 4, batch: int = 6, seed: int = 0
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(batch, 3, 8, 8, generator=g), torch.zeros(batch)) for _ in range(n_batches)]
+    return [
+        (torch.randn(batch, 3, 8, 8, generator=g), torch.zeros(batch)) for _ in range(n_batches)
+    ]
 
 
 @pytest.fixture
@@ -188,7 +192,9 @@ def test_memory_constrains_feature_mode_only(net):
     g = torch.Generator().manual_seed(3)
     q, _ = torch.linalg.qr(torch.randn(96, 96, generator=g, dtype=torch.float64))
     memory = {"fc": q[:, :10]}
-    subs = calibrate(net, loader(), ["fc"], eps=0.9, num_batches=3, memory=memory, memory_rule="eq3")
+    subs = calibrate(
+        net, loader(), ["fc"], eps=0.9, num_batches=3, memory=memory, memory_rule="eq3"
+    )
     u = subs["fc"].factors[-1].double()
     assert (memory["fc"].T @ u).abs().max() < 1e-6
     assert math.isclose(subs["fc"].factors[0].shape[0], 6)

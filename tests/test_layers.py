@@ -30,14 +30,29 @@ def test_theorem1_conv_weight_gradient_is_gradient_of_projected_input(case, gen)
     b, h, w = 5, 9, 8
     x = torch.randn(b, p["c"], h, w, dtype=torch.float64, generator=gen, requires_grad=True)
     weight = torch.randn(
-        p["o"], p["c"] // p["groups"], p["k"], p["k"], dtype=torch.float64, generator=gen,
+        p["o"],
+        p["c"] // p["groups"],
+        p["k"],
+        p["k"],
+        dtype=torch.float64,
+        generator=gen,
         requires_grad=True,
     )
     bias = torch.randn(p["o"], dtype=torch.float64, generator=gen, requires_grad=True)
-    factors = [random_orthonormal(n, r, gen) for n, r in zip((b, p["c"], h, w), (3, 2, 5, 4), strict=True)]
-    conf = dict(stride=p["stride"], padding=p["padding"], dilation=p["dilation"], groups=p["groups"])
+    factors = [
+        random_orthonormal(n, r, gen) for n, r in zip((b, p["c"], h, w), (3, 2, 5, 4), strict=True)
+    ]
+    conf = dict(
+        stride=p["stride"], padding=p["padding"], dilation=p["dilation"], groups=p["groups"]
+    )
     out = lance_conv2d(
-        x, weight, bias, factors, (p["stride"],) * 2, (p["padding"],) * 2, (p["dilation"],) * 2,
+        x,
+        weight,
+        bias,
+        factors,
+        (p["stride"],) * 2,
+        (p["padding"],) * 2,
+        (p["dilation"],) * 2,
         p["groups"],
     )
     delta = torch.randn(out.shape, dtype=torch.float64, generator=gen)
@@ -152,7 +167,9 @@ def test_measured_saved_bytes_of_compressed_layer_equal_core_size():
 
     def sample() -> torch.Tensor:
         latent = torch.randn(8, 2, 12, 12, generator=g)
-        return torch.einsum("cl,blhw->bchw", mixing, latent) + 0.05 * torch.randn(8, 16, 12, 12, generator=g)
+        return torch.einsum("cl,blhw->bchw", mixing, latent) + 0.05 * torch.randn(
+            8, 16, 12, 12, generator=g
+        )
 
     data = [sample() for _ in range(4)]
     subs = calibrate(conv, data, ["conv"], eps=0.6, num_batches=4)
@@ -195,7 +212,9 @@ def test_wrong_batch_size_names_the_fix():
 
 def test_no_batch_mode_accepts_any_batch_size():
     model = Tail()
-    subs = calibrate(model, [b.float() for b in _batches()], LAYERS, num_batches=3, modes="no_batch")
+    subs = calibrate(
+        model, [b.float() for b in _batches()], LAYERS, num_batches=3, modes="no_batch"
+    )
     compress(model, subs)
     for b in (1, 3, 7):
         model(torch.randn(b, 4, 10, 10)).sum().backward()
@@ -204,7 +223,10 @@ def test_no_batch_mode_accepts_any_batch_size():
 def test_training_with_lance_lowers_the_loss():
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(4, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Conv2d(4, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
         nn.Linear(16, 3),
     )
     g = torch.Generator().manual_seed(9)
