@@ -38,6 +38,7 @@ __all__ = [
     "check_input_shape",
     "compress",
     "compressed",
+    "conv2d_input_grad",
     "conv2d_weight_from_core",
     "lance_conv2d",
     "lance_linear",
@@ -80,6 +81,27 @@ def _mode_product(x: torch.Tensor, u: torch.Tensor, mode: int, transpose: bool) 
     factors: list[torch.Tensor | None] = [None] * x.ndim
     factors[mode] = u
     return project(x, factors) if transpose else reconstruct(x, factors)
+
+
+def conv2d_input_grad(
+    x_shape: Sequence[int],
+    weight: torch.Tensor,
+    grad_output: torch.Tensor,
+    stride: Sequence[int],
+    padding: Sequence[int] | str,
+    dilation: Sequence[int],
+    groups: int,
+) -> torch.Tensor:
+    """Exact Conv2d input gradient: it needs only the weights, never the stored input."""
+    return torch.nn.grad.conv2d_input(
+        x_shape,
+        weight,
+        grad_output,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+    )
 
 
 def conv2d_weight_from_core(
@@ -173,15 +195,7 @@ class _LanceConv2dFunction(torch.autograd.Function):
         x_shape, stride, padding, dilation, groups, has_bias = ctx.conf
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.nn.grad.conv2d_input(
-                x_shape,
-                weight,
-                grad_out,
-                stride=stride,
-                padding=padding,
-                dilation=dilation,
-                groups=groups,
-            )
+            grad_x = conv2d_input_grad(x_shape, weight, grad_out, stride, padding, dilation, groups)
         if ctx.needs_input_grad[1]:
             grad_w = conv2d_weight_from_core(
                 core, factors, grad_out, weight.shape, stride, padding, dilation, groups

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..layers import conv2d_input_grad
 from .hosvd_step import PerStepLayer, init_like
 
 __all__ = ["LoRActConv2d", "LoRActLinear", "loract_rank", "row_sketch"]
@@ -76,15 +77,7 @@ class _LoRActConv2dFunction(torch.autograd.Function):
         x_shape, stride, padding, dilation, groups, has_bias = ctx.conf
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.nn.grad.conv2d_input(
-                x_shape,
-                weight,
-                grad_out,
-                stride=stride,
-                padding=padding,
-                dilation=dilation,
-                groups=groups,
-            )
+            grad_x = conv2d_input_grad(x_shape, weight, grad_out, stride, padding, dilation, groups)
         if ctx.needs_input_grad[1]:
             b, c, h, w = x_shape
             x_tilde = (aq @ q.T).reshape(b, h, w, c).permute(0, 3, 1, 2)
