@@ -748,12 +748,27 @@ class ContinualTask:
     test: Dataset
 
 
+def _mixed_order(dataset: Dataset, seed: int) -> Dataset:
+    """``dataset`` in one fixed random order, so that evaluation batches mix classes."""
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+    return torch.utils.data.Subset(dataset, order.tolist())
+
+
 def _loaders(
     task: ContinualTask, cfg: BenchmarkSpec, seed: int, drop_last: bool
 ) -> tuple[DataLoader, DataLoader, DataLoader]:
+    """Training loader (reshuffled every epoch) and fixed-order validation / test loaders.
+
+    The continual-learning networks normalise with batch statistics
+    (``track_running_stats=False``, as GPM's), so an evaluation batch holding a single
+    class would be normalised with that class's own mean and lose what tells the
+    classes apart.  Validation and test sets are therefore put in one fixed random
+    order (seeded), the same batches at every evaluation, as the mixed order of the
+    original CIFAR test files gives.
+    """
     train = make_loader(task.train, cfg.batch_size, train=True, seed=seed, drop_last=drop_last)
-    val = make_loader(task.val, cfg.batch_size, train=False)
-    test = make_loader(task.test, cfg.batch_size, train=False)
+    val = make_loader(_mixed_order(task.val, seed), cfg.batch_size, train=False)
+    test = make_loader(_mixed_order(task.test, seed), cfg.batch_size, train=False)
     return train, val, test
 
 
@@ -835,8 +850,10 @@ def train_multitask(
     device = _device(model)
     joint = torch.utils.data.ConcatDataset([_TaskLabelled(t.train, i) for i, t in enumerate(tasks)])
     loader = make_loader(joint, cfg.batch_size, train=True, seed=seed, drop_last=False)
-    vals = [make_loader(t.val, cfg.batch_size, train=False) for t in tasks]
-    tests = [make_loader(t.test, cfg.batch_size, train=False) for t in tasks]
+    vals = [make_loader(_mixed_order(t.val, seed + i), cfg.batch_size, train=False)
+            for i, t in enumerate(tasks)]
+    tests = [make_loader(_mixed_order(t.test, seed + i), cfg.batch_size, train=False)
+             for i, t in enumerate(tasks)]
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)
     schedule = PlateauSchedule(optimizer, cfg.lr, cfg.lr_factor, cfg.patience, cfg.min_lr)
     epochs_run = 0
