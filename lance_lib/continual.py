@@ -850,10 +850,14 @@ def train_multitask(
     device = _device(model)
     joint = torch.utils.data.ConcatDataset([_TaskLabelled(t.train, i) for i, t in enumerate(tasks)])
     loader = make_loader(joint, cfg.batch_size, train=True, seed=seed, drop_last=False)
-    vals = [make_loader(_mixed_order(t.val, seed + i), cfg.batch_size, train=False)
-            for i, t in enumerate(tasks)]
-    tests = [make_loader(_mixed_order(t.test, seed + i), cfg.batch_size, train=False)
-             for i, t in enumerate(tasks)]
+    vals = [
+        make_loader(_mixed_order(t.val, seed + i), cfg.batch_size, train=False)
+        for i, t in enumerate(tasks)
+    ]
+    tests = [
+        make_loader(_mixed_order(t.test, seed + i), cfg.batch_size, train=False)
+        for i, t in enumerate(tasks)
+    ]
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)
     schedule = PlateauSchedule(optimizer, cfg.lr, cfg.lr_factor, cfg.patience, cfg.min_lr)
     epochs_run = 0

@@ -30,6 +30,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from .vit import vit_tiny
+
 __all__ = [
     "MCUNET_STAND_IN",
     "MODEL_INFO",
@@ -86,6 +88,8 @@ MODEL_INFO: dict[str, ModelInfo] = {
         "label": "Reduced ResNet18 (CL)",
         "stand_in": None,
     },
+    # the transformer companion (issue 7): a pre-norm ViT for 32 px inputs
+    "vit_tiny": {"native_resolution": 32, "label": "ViT-Tiny (pre-norm)", "stand_in": None},
 }
 
 
@@ -403,6 +407,7 @@ _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "resnet34": resnet34,
     "mobilenet_v2": mobilenet_v2,
     "mcunet": mcunet,
+    "vit_tiny": vit_tiny,
 }
 
 

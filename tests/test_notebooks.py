@@ -266,3 +266,27 @@ def test_fig5_latency(smoke_outputs):
             assert r["total_over_lance"] == pytest.approx(1.0)
             assert r["analytic_mb"] < by[layers, "bp"]["analytic_mb"]
     assert "total / LANCE (median)" in (figures / "fig5_latency.md").read_text()
+
+
+@pytest.mark.skipif(
+    not (ROOT / "notebooks" / "transformer_finetune.ipynb").exists(), reason="absent"
+)
+def test_transformer_finetune(smoke_outputs):
+    figures = smoke_outputs / "figures"
+    _figure_ok(figures, "transformer_finetune")
+    rows = _rows(figures, "transformer_finetune")
+    ratios = load_profile("smoke", PROFILES)["transformer_finetune"]["rank_ratios"]
+    assert len(rows) == 2 + 2 * len(ratios)  # BP, LANCE, LoRAct layer-wise and pre-norm per r
+    by = {(r["method"], r["rank_ratio"]): r for r in rows}
+    assert by["bp", None]["layer_memory_ratio"] == by["bp", None]["step_time_ratio"] == 1.0
+    for r in rows:
+        assert 0 <= r["accuracy"] <= 100 and r["step_s_median"] > 0 and 0 <= r["angle_deg"] <= 90
+        if r["method"] != "bp":  # every method keeps less than BP, measured
+            assert 0 < r["layer_memory_ratio"] < 1 and 0 < r["region_memory_ratio"] < 1
+    for method in ("loract", "loract_prenorm"):  # a smaller rank ratio keeps less
+        layer = [by[method, r]["layer_bytes"] for r in sorted(ratios)]
+        assert layer == sorted(layer)
+    for r in ratios:  # the pre-norm trick also drops the LayerNorm's stored input
+        assert by["loract_prenorm", r]["region_bytes"] < by["loract", r]["region_bytes"]
+    assert "\\toprule" in (figures / "transformer_finetune.tex").read_text()
+    assert "Layer memory / BP" in (figures / "transformer_finetune.md").read_text()

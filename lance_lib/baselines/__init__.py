@@ -4,10 +4,13 @@
   :class:`PerStepLayer` plumbing the other per-step baselines share;
 * :mod:`.asi` - ASI, one warm-started subspace-iteration step per mode and step;
 * :mod:`.loract` - LoRAct, an online sampled-row sketch of the flattened input;
+* :mod:`.loract_prenorm` - LoRAct's pre-norm trick for transformer blocks: one
+  sketched LayerNorm output serves the norm's and its projection's backward;
 * :mod:`.checkpointing` - recomputation of the trainable region.
 
 Plain backpropagation needs no module.  Choose any method by name through
-:func:`lance_lib.methods.apply_method`.
+:func:`lance_lib.methods.apply_method` (the pre-norm trick, which replaces a LayerNorm
+and its projection together, through :func:`lance_lib.transformer.apply_block_method`).
 """
 
 from .asi import AsiConv2d, AsiLinear, subspace_iteration_step
@@ -21,6 +24,7 @@ from .hosvd_step import (
     tucker_elements,
 )
 from .loract import LoRActConv2d, LoRActLinear, loract_rank, row_sketch
+from .loract_prenorm import LoRActPreNorm, layer_norm_backward, prenorm_linear
 
 __all__ = [
     "AsiConv2d",
@@ -30,10 +34,13 @@ __all__ = [
     "HosvdStepLinear",
     "LoRActConv2d",
     "LoRActLinear",
+    "LoRActPreNorm",
     "PerStepLayer",
     "checkpoint_region",
+    "layer_norm_backward",
     "loract_rank",
     "mode_subspace",
+    "prenorm_linear",
     "row_sketch",
     "step_factors",
     "subspace_iteration_step",
