@@ -27,7 +27,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -166,7 +166,7 @@ class FinetuneConfig:
         return out
 
 
-def _cycle(loader: DataLoader) -> Iterator[Any]:
+def _cycle(loader: Iterable[Any]) -> Iterator[Any]:
     """Endless batches: the loader re-iterated (new shuffles and flips) as needed."""
     return itertools.chain.from_iterable(itertools.repeat(loader))
 

@@ -71,7 +71,7 @@ from .models import replace_classifier
 from .prefix_cache import PrefixCache
 from .pretrain import pretrain
 from .results import cached_json, result_path
-from .train import evaluate
+from .train import _cycle, evaluate
 from .vit import NormLinear, block_linear_names, split_blocks
 
 __all__ = [
@@ -387,10 +387,6 @@ class TransformerConfig:
             else:
                 out.append((method, None))
         return out
-
-
-def _cycle(loader: Iterable[Any]) -> Iterator[Any]:
-    return itertools.chain.from_iterable(itertools.repeat(loader))
 
 
 def _finetune(

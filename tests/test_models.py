@@ -23,13 +23,7 @@ from lance_lib.models import (
 SINGLE_TASK = ["resnet18", "resnet34", "mobilenet_v2", "mcunet"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small models run as fast on one thread, and far faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)

@@ -19,13 +19,7 @@ from lance_lib.pretrain import (
 TINY = dict(resolution=16, epochs=1, batch_size=16, lr=0.05, seed=3, progress=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small models run as fast on one thread, and far faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny_loaders(settings, root):

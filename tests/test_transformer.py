@@ -16,14 +16,7 @@ from lance_lib.models import build_model, classifier_name, last_n_layers, replac
 from lance_lib.transformer import apply_block_method, measure_block_method, method_label
 from lance_lib.vit import NormLinear, VisionTransformer, block_linear_names, split_blocks
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small models run as fast on one thread, and far faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_vit(seed: int = 0, dtype: torch.dtype = torch.float32) -> VisionTransformer:
