@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,10 +20,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lance_lib.io import atomic_write
 from lance_lib.models import build_model
 
 __all__ = [
+    "AUGMENTATIONS",
     "CHECKPOINT_FORMAT",
+    "CROP_PADDING",
     "CheckpointWarning",
     "MOMENTUM",
     "WEIGHT_DECAY",
@@ -35,9 +37,13 @@ __all__ = [
 ]
 
 #: Bumped whenever the training recipe or the file layout changes; part of the cache key.
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
 MOMENTUM = 0.9
 WEIGHT_DECAY = 5e-4
+AUGMENTATIONS = ("flip", "crop-flip")
+#: Zero padding (stored pixels) of the ``"crop-flip"`` augmentation, as in the usual
+#: CIFAR recipe (pad 4, random 32 x 32 crop).
+CROP_PADDING = 4
 
 
 class CheckpointWarning(UserWarning):
@@ -54,20 +60,25 @@ def pretrain_settings(
     batch_size: int,
     lr: float,
     seed: int,
+    augment: str = "flip",
+    weight_decay: float = WEIGHT_DECAY,
 ) -> dict[str, Any]:
     """Every setting that determines the pretrained weights (the cache key).
 
     Parameters
     ----------
-    model_name, dataset, classes, resolution, epochs, batch_size, lr, seed
+    model_name, dataset, classes, resolution, epochs, batch_size, lr, seed, augment,
+    weight_decay
         As in :func:`pretrain`.
 
     Returns
     -------
     dict
-        JSON-serializable; includes the fixed recipe (optimizer, momentum, weight decay,
-        schedule, augmentation) and :data:`CHECKPOINT_FORMAT`.
+        JSON-serializable; includes the fixed recipe (optimizer, momentum, schedule)
+        and :data:`CHECKPOINT_FORMAT`.
     """
+    if augment not in AUGMENTATIONS:
+        raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {augment!r}")
     return {
         "format": CHECKPOINT_FORMAT,
         "model": model_name,
@@ -79,9 +90,10 @@ def pretrain_settings(
         "lr": float(lr),
         "optimizer": "sgd",
         "momentum": MOMENTUM,
-        "weight_decay": WEIGHT_DECAY,
+        "weight_decay": float(weight_decay),
         "schedule": "cosine-per-step",
-        "augment": "random-hflip",
+        "augment": augment,
+        "crop_padding": CROP_PADDING if augment == "crop-flip" else 0,
         "seed": int(seed),
     }
 
@@ -137,17 +149,13 @@ def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:
 
 
 def _save_atomic(path: Path, payload: dict[str, Any]) -> None:
-    """Write ``payload`` with torch.save to a temporary file, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """``torch.save`` ``payload`` to ``path`` atomically (:func:`lance_lib.io.atomic_write`)."""
+    atomic_write(path, lambda fh: torch.save(payload, fh), binary=True)
+
+
+def _partial_path(path: Path) -> Path:
+    """Where the per-epoch training state of the checkpoint ``path`` is kept."""
+    return path.with_name(path.stem + ".partial.pt")
 
 
 def _from_cache(path: Path, settings: dict[str, Any]) -> tuple[nn.Module, dict] | None:
@@ -172,71 +180,71 @@ def _from_cache(path: Path, settings: dict[str, Any]) -> tuple[nn.Module, dict] 
     return model, payload
 
 
-def _make_loaders(
+def _make_datasets(
     settings: dict[str, Any], root: str | os.PathLike | None
-) -> tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader, int]:
-    """Seeded training loader, test loader and class count for ``settings`` (data API)."""
-    from lance_lib.data import class_subset, get_dataset, make_loader
+) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset, int]:
+    """Augmented training set, test set and class count for ``settings`` (data API)."""
+    from lance_lib.data import class_subset, get_dataset
 
     name, classes, resolution = settings["dataset"], settings["classes"], settings["resolution"]
-    train = get_dataset(name, "train", root=root, resolution=resolution, augment=True)
+    train = get_dataset(
+        name,
+        "train",
+        root=root,
+        resolution=resolution,
+        augment=True,
+        crop_padding=settings["crop_padding"],
+    )
     test = get_dataset(name, "test", root=root, resolution=resolution, augment=False)
     num_classes = len(train.classes)
     if classes is not None:
         train = class_subset(train, classes, remap=True)
         test = class_subset(test, classes, remap=True)
         num_classes = len(classes)
-    return (
-        make_loader(train, settings["batch_size"], train=True, seed=settings["seed"]),
-        make_loader(test, 256, train=False),
-        num_classes,
-    )
+    return train, test, num_classes
 
 
-def _train(
-    model: nn.Module,
-    loader: torch.utils.data.DataLoader,
-    *,
-    epochs: int,
-    lr: float,
-    device: torch.device,
-    progress: bool,
-    desc: str,
-) -> float:
-    """Full training with SGD and a per-step cosine schedule; returns the last epoch's loss."""
+def _epoch_seed(settings: dict[str, Any], epoch: int) -> int:
+    """Seed of epoch ``epoch``'s data order and augmentation (so a resumed run matches)."""
+    return settings["seed"] * 100_003 + epoch + 1
+
+
+def _fresh_state(
+    settings: dict[str, Any], num_classes: int, steps_per_epoch: int, device: torch.device
+) -> dict[str, Any]:
+    """Model, optimizer and schedule at epoch 0 (seeded initialization)."""
+    torch.manual_seed(settings["seed"])
+    model = build_model(settings["model"], num_classes).to(device)
     optimizer = torch.optim.SGD(
-        model.parameters(), lr=lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY
+        model.parameters(),
+        lr=settings["lr"],
+        momentum=settings["momentum"],
+        weight_decay=settings["weight_decay"],
     )
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * len(loader))
-    criterion = nn.CrossEntropyLoss()
-    model.to(device).train()
-    epoch_loss = float("nan")
-    with tqdm(total=epochs * len(loader), desc=desc, disable=not progress) as bar:
-        for epoch in range(epochs):
-            total, count = 0.0, 0
-            for images, labels in loader:
-                images, labels = images.to(device), labels.to(device)
-                loss = criterion(model(images), labels)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                total += loss.item() * len(labels)
-                count += len(labels)
-                bar.update()
-            epoch_loss = total / count
-            bar.set_postfix(epoch=epoch + 1, loss=f"{epoch_loss:.3f}")
-    return epoch_loss
+    total = settings["epochs"] * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total)
+    return {"model": model, "optimizer": optimizer, "scheduler": scheduler, "curve": []}
 
 
-@torch.no_grad()
-def _accuracy(model: nn.Module, loader: torch.utils.data.DataLoader, device: torch.device) -> float:
-    model.to(device).eval()
-    correct, count = 0, 0
-    for images, labels in loader:
-        correct += (model(images.to(device)).argmax(1).cpu() == labels).sum().item()
-        count += len(labels)
-    return correct / count
+def _resume(partial: Path, settings: dict[str, Any], state: dict[str, Any]) -> None:
+    """Load the per-epoch state saved at ``partial`` into ``state`` if it fits ``settings``."""
+    if not partial.exists():
+        return
+    try:
+        saved = torch.load(partial, map_location="cpu", weights_only=True)
+        if saved.get("settings") != settings:
+            raise ValueError("it was made with different settings")
+        state["model"].load_state_dict(saved["model"])
+        state["optimizer"].load_state_dict(saved["optimizer"])
+        state["scheduler"].load_state_dict(saved["scheduler"])
+        state["curve"] = list(saved["curve"])
+    except Exception as error:
+        warnings.warn(
+            f"training state {partial} is unusable ({type(error).__name__}: {error}); "
+            "starting from epoch 0",
+            CheckpointWarning,
+            4,
+        )
 
 
 def _pretrain_fresh(
@@ -244,32 +252,69 @@ def _pretrain_fresh(
     root: str | os.PathLike | None,
     device: torch.device,
     progress: bool,
-    desc: str,
+    path: Path,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Train from scratch as ``settings`` say; returns the model and checkpoint payload."""
-    train_loader, test_loader, num_classes = _make_loaders(settings, root)
-    torch.manual_seed(settings["seed"])
-    model = build_model(settings["model"], num_classes)
-    start = time.perf_counter()
-    train_loss = _train(
-        model,
-        train_loader,
-        epochs=settings["epochs"],
-        lr=settings["lr"],
-        device=device,
-        progress=progress,
-        desc=f"pretrain {desc}",
-    )
-    train_seconds = time.perf_counter() - start
-    test_accuracy = _accuracy(model, test_loader, device)
+    """Train as ``settings`` say, resuming from the last finished epoch; returns the model
+    and the checkpoint payload."""
+    from lance_lib.data import make_loader
+    from lance_lib.experiments.loop import evaluate, train_epoch
+
+    train_set, test_set, num_classes = _make_datasets(settings, root)
+    batch_size = settings["batch_size"]
+    steps = len(train_set) // batch_size if len(train_set) >= batch_size else 1
+    state = _fresh_state(settings, num_classes, steps, device)
+    partial = _partial_path(path)
+    _resume(partial, settings, state)
+    model, curve = state["model"], state["curve"]
+    test_loader = make_loader(test_set, 256, train=False)
+    epochs = settings["epochs"]
+    with tqdm(
+        total=epochs * steps,
+        initial=len(curve) * steps,
+        desc=f"pretrain {path.stem}",
+        disable=not progress,
+    ) as bar:
+        for epoch in range(len(curve), epochs):
+            torch.manual_seed(_epoch_seed(settings, epoch))  # flips, crops, dropout
+            loader = make_loader(
+                train_set, batch_size, train=True, seed=_epoch_seed(settings, epoch)
+            )
+            model.train()
+            stats = train_epoch(
+                model, loader, state["optimizer"], scheduler=state["scheduler"], bar=bar
+            )
+            accuracy = evaluate(model, test_loader)
+            curve.append(
+                {
+                    "epoch": epoch + 1,
+                    "train_loss": stats.loss,
+                    "train_accuracy": stats.accuracy,
+                    "test_accuracy": accuracy,
+                    "seconds": stats.seconds,
+                }
+            )
+            bar.set_postfix(epoch=epoch + 1, loss=f"{stats.loss:.3f}", test=f"{accuracy:.3f}")
+            if epoch + 1 < epochs:
+                _save_atomic(
+                    partial,
+                    {
+                        "settings": settings,
+                        "model": model.state_dict(),
+                        "optimizer": state["optimizer"].state_dict(),
+                        "scheduler": state["scheduler"].state_dict(),
+                        "curve": curve,
+                    },
+                )
     state_dict = model.cpu().state_dict()
     payload = {
         "settings": settings,
         "num_classes": num_classes,
         "metrics": {
-            "train_loss": train_loss,
-            "test_accuracy": test_accuracy,
-            "train_seconds": train_seconds,
+            "train_loss": curve[-1]["train_loss"],
+            "test_accuracy": curve[-1]["test_accuracy"],
+            "train_seconds": sum(c["seconds"] for c in curve),
+            "curve": curve,
+            "threads": torch.get_num_threads(),
         },
         "state_dict": state_dict,
         "sha256": state_dict_sha256(state_dict),
@@ -287,6 +332,8 @@ def pretrain(
     batch_size: int = 64,
     lr: float = 0.05,
     seed: int = 0,
+    augment: str = "flip",
+    weight_decay: float = WEIGHT_DECAY,
     cache_dir: str | os.PathLike | None = None,
     root: str | os.PathLike | None = None,
     progress: bool = True,
@@ -308,7 +355,12 @@ def pretrain(
     epochs, batch_size, lr : int, int, float
         Training length, mini-batch size and initial learning rate.
     seed : int
-        Fixes the initialization and the data order.
+        Fixes the initialization, the data order and the augmentation.
+    augment : {"flip", "crop-flip"}
+        Random horizontal flips (the paper's only augmentation), or flips plus a random
+        crop of the stored image padded by :data:`CROP_PADDING` zero pixels.
+    weight_decay : float
+        SGD weight decay.
     cache_dir : path-like, optional
         Checkpoint directory; default ``<data_root(root)>/checkpoints``.
     root : path-like, optional
@@ -324,26 +376,31 @@ def pretrain(
         On CPU in eval mode, with the classifier of the pretraining classes (use
         :func:`lance_lib.models.replace_classifier` before fine-tuning), and a
         ``pretrain_record`` dict: ``settings``, ``checkpoint``, ``num_classes``,
-        ``train_loss``, ``test_accuracy`` (fraction, on the same classes' test split),
-        ``train_seconds`` and ``cached`` (whether the weights came from the cache).
+        ``train_loss``, ``test_accuracy`` (fraction, on the same classes' test split,
+        after the last epoch), ``curve`` (one entry per epoch: ``train_loss``,
+        ``train_accuracy``, ``test_accuracy``, ``seconds``), ``train_seconds``,
+        ``threads`` and ``cached`` (whether the weights came from the cache).
 
     Notes
     -----
-    Recipe: SGD with momentum 0.9 and weight decay 5e-4 (the usual from-scratch CIFAR
+    Recipe: SGD with momentum 0.9 and weight decay (the usual from-scratch CIFAR
     recipe; fine-tuning itself uses none, Table 4), learning rate annealed to zero by a
-    cosine schedule stepped every mini-batch, cross-entropy, random horizontal flips
-    (the paper's only augmentation) on the training split. ``torch.manual_seed(seed)``
-    precedes model construction (and the flips draw from that generator), and the
-    training loader is seeded, so a run is reproducible on the same device and thread
-    count. The caller's global random state is left untouched (the run happens
-    under :func:`torch.random.fork_rng`), so code after ``pretrain`` draws the same
-    random numbers whether the weights were trained or loaded.
+    cosine schedule stepped every mini-batch, cross-entropy, the augmentation above on
+    the training split, the test accuracy measured after every epoch.
+    ``torch.manual_seed(seed)`` precedes model construction; every epoch reseeds the
+    data order and the augmentation from ``(seed, epoch)``, so a run is reproducible on
+    the same device and thread count, and a resumed run continues exactly where the
+    interrupted one stopped. The caller's global random state is left untouched (the
+    run happens under :func:`torch.random.fork_rng`), so code after ``pretrain`` draws
+    the same random numbers whether the weights were trained or loaded.
 
-    The checkpoint is written atomically (temporary file, then ``os.replace``) and
-    stores the settings and a SHA-256 of the weights (:func:`state_dict_sha256`). A
-    file that cannot be read (e.g. truncated), fails the hash, was made with other
-    settings or does not fit the model raises a :class:`CheckpointWarning` and is
-    rebuilt; it is never used silently.
+    Long runs survive interruption: after every epoch the model, optimizer, schedule
+    and curve are saved atomically beside the checkpoint (``<name>.partial.pt``), and
+    a new call with the same settings resumes from there. The final checkpoint is
+    written atomically and stores the settings and a SHA-256 of the weights
+    (:func:`state_dict_sha256`). A file that cannot be read (e.g. truncated), fails the
+    hash, was made with other settings or does not fit the model raises a
+    :class:`CheckpointWarning` and is rebuilt; it is never used silently.
     """
     settings = pretrain_settings(
         model_name,
@@ -354,6 +411,8 @@ def pretrain(
         batch_size=batch_size,
         lr=lr,
         seed=seed,
+        augment=augment,
+        weight_decay=weight_decay,
     )
     if cache_dir is None:
         from lance_lib.data import data_root
@@ -366,8 +425,9 @@ def pretrain(
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         cached = _from_cache(path, settings)
         if cached is None:
-            model, payload = _pretrain_fresh(settings, root, device, progress, path.stem)
+            model, payload = _pretrain_fresh(settings, root, device, progress, path)
             _save_atomic(path, payload)
+            _partial_path(path).unlink(missing_ok=True)
         else:
             model, payload = cached
     model.cpu().eval()

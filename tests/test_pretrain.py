@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 from lance_lib import pretrain as pretrain_module
 from lance_lib.pretrain import (
@@ -22,20 +22,18 @@ TINY = dict(resolution=16, epochs=1, batch_size=16, lr=0.05, seed=3, progress=Fa
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _tiny_loaders(settings, root):
-    """Two separable classes of 16x16 images, loaded as the data API would."""
+def _tiny_datasets(settings, root):
+    """Two separable classes of 16x16 images, as the data API would return them."""
     generator = torch.Generator().manual_seed(0)
     labels = torch.arange(64) % 2
     images = torch.randn(64, 3, 16, 16, generator=generator) + labels.view(-1, 1, 1, 1)
     data = TensorDataset(images, labels)
-    shuffle = torch.Generator().manual_seed(settings["seed"])
-    train = DataLoader(data, settings["batch_size"], shuffle=True, generator=shuffle)
-    return train, DataLoader(data, 64), 2
+    return data, data, 2
 
 
 @pytest.fixture
 def tiny_data(monkeypatch):
-    monkeypatch.setattr(pretrain_module, "_make_loaders", _tiny_loaders)
+    monkeypatch.setattr(pretrain_module, "_make_datasets", _tiny_datasets)
 
 
 def _run(cache_dir):
@@ -67,7 +65,7 @@ def test_cache_is_reused(tmp_path, tiny_data, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("a cached checkpoint must not be retrained")
 
-    monkeypatch.setattr(pretrain_module, "_train", no_training)
+    monkeypatch.setattr(pretrain_module, "_pretrain_fresh", no_training)
     with warnings.catch_warnings():
         warnings.simplefilter("error", CheckpointWarning)
         second = _run(tmp_path)
@@ -132,13 +130,54 @@ def test_default_cache_dir_is_under_the_data_root(tmp_path, tiny_data, monkeypat
     assert Path(model.pretrain_record["checkpoint"]).parent == tmp_path / "checkpoints"
 
 
-def test_loaders_come_from_the_data_api():
+def test_datasets_come_from_the_data_api():
     settings = pretrain_settings(
         "mcunet", "cifar10_mini", [3, 5], resolution=16, epochs=1, batch_size=50, lr=0.1, seed=0
     )
-    train, test, num_classes = pretrain_module._make_loaders(settings, None)
+    train, test, num_classes = pretrain_module._make_datasets(settings, None)
     assert num_classes == 2
-    assert (len(train.dataset), len(test.dataset)) == (1000, 200)
-    images, labels = next(iter(train))
-    assert images.shape == (50, 3, 16, 16)
-    assert set(labels.tolist()) <= {0, 1}
+    assert (len(train), len(test)) == (1000, 200)
+    image, label = train[0]
+    assert image.shape == (3, 16, 16)
+    assert {label for _, label in (train[i] for i in range(0, 1000, 97))} <= {0, 1}
+
+
+def test_crop_flip_augmentation_is_in_the_key_and_moves_pixels():
+    kwargs = dict(resolution=16, epochs=1, batch_size=50, lr=0.1, seed=0)
+    flip = pretrain_settings("mcunet", "cifar10_mini", [3, 5], **kwargs)
+    crop = pretrain_settings("mcunet", "cifar10_mini", [3, 5], augment="crop-flip", **kwargs)
+    assert (flip["crop_padding"], crop["crop_padding"]) == (0, pretrain_module.CROP_PADDING)
+    train, _, _ = pretrain_module._make_datasets(crop, None)
+    torch.manual_seed(0)
+    views = torch.stack([train[0][0] for _ in range(8)])
+    assert (views - views[0]).abs().amax() > 0  # random windows and flips differ
+    with pytest.raises(ValueError, match="augment"):
+        pretrain_settings("mcunet", "cifar10_mini", [3, 5], augment="mixup", **kwargs)
+
+
+def test_an_interrupted_run_resumes_where_it_stopped(tmp_path, tiny_data, monkeypatch):
+    """Per-epoch state: a run stopped after epoch 1 and resumed equals an unbroken run."""
+    from lance_lib.experiments import loop
+
+    settings = {**TINY, "epochs": 3}
+    whole = pretrain("mcunet", "tiny", [0, 1], cache_dir=tmp_path / "a", **settings)
+    calls = []
+    evaluate = loop.evaluate
+
+    def stop_in_epoch_two(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "evaluate", stop_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain("mcunet", "tiny", [0, 1], cache_dir=tmp_path / "b", **settings)
+    partial = list((tmp_path / "b").glob("*.partial.pt"))
+    assert len(partial) == 1 and not list((tmp_path / "b").glob("*[!l].pt"))
+    monkeypatch.setattr(loop, "evaluate", evaluate)
+    resumed = pretrain("mcunet", "tiny", [0, 1], cache_dir=tmp_path / "b", **settings)
+    assert _weights_equal(whole, resumed)
+    curve = lambda m: [(c["train_loss"], c["test_accuracy"]) for c in m.pretrain_record["curve"]]  # noqa: E731
+    assert curve(whole) == curve(resumed) and len(curve(whole)) == 3
+    assert not partial[0].exists()  # the finished checkpoint replaces the training state

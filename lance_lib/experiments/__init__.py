@@ -1,0 +1,1 @@
+"""Experiments: configs, the one training loop, setup, sweeps and the grid runner."""
