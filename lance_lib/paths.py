@@ -1,0 +1,46 @@
+"""Where the project's files live, resolved from the repository root, not the working directory.
+
+A notebook opened in JupyterLab runs with ``notebooks/`` as its working directory,
+``make figures`` with the repository root, a Dask worker with whatever its launcher
+chose: every default location is therefore computed from the repository root, so that
+all of them read and write the same results cache, figures and checkpoints.
+Environment variables move them elsewhere (shared results folders on a cluster).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__all__ = ["build_dir", "figures_dir", "profiles_dir", "repo_root", "results_dir"]
+
+
+def repo_root() -> Path:
+    """The folder holding ``lance_lib/`` (the repository root for a source checkout)."""
+    return Path(__file__).resolve().parent.parent
+
+
+def _from_env(variable: str, default: Path) -> Path:
+    value = os.environ.get(variable)
+    return Path(value).expanduser().resolve() if value else default
+
+
+def results_dir(kind: str | None = None) -> Path:
+    """The results cache (``$LANCE_RESULTS``, default ``<repo>/results``) or its ``kind``."""
+    base = _from_env("LANCE_RESULTS", repo_root() / "results")
+    return base / kind if kind else base
+
+
+def figures_dir(profile: str) -> Path:
+    """Figures and tables of ``profile`` (under ``$LANCE_FIGURES``, default ``<repo>/figures``)."""
+    return _from_env("LANCE_FIGURES", repo_root() / "figures") / profile
+
+
+def build_dir(profile: str) -> Path:
+    """Executed notebooks of ``profile`` (``<repo>/build/<profile>``)."""
+    return repo_root() / "build" / profile
+
+
+def profiles_dir() -> Path:
+    """The profile files (``<repo>/profiles``)."""
+    return repo_root() / "profiles"
