@@ -1,0 +1,81 @@
+"""Which experiments each notebook needs: one declaration, read by notebooks and the grid.
+
+A figure or table notebook does not run experiments of its own making: the function
+registered for it with :func:`register_sweep` turns the notebook's parameters (from
+its profile) into a list of experiment configs; the notebook calls :func:`sweep` and
+plots the records, and ``make grid`` calls :func:`profile_experiments` to compute every
+experiment of a profile before any notebook runs (in-process or on a Dask cluster).
+Both therefore ask for exactly the same configs, and the results cache serves the
+notebook what the grid computed.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from lance_lib.experiments.base import ExperimentConfig
+
+__all__ = ["SWEEP_MODULES", "profile_experiments", "register_sweep", "sweep", "sweeps"]
+
+SweepFunction = Callable[[Mapping[str, Any]], list[ExperimentConfig]]
+_SWEEPS: dict[str, SweepFunction] = {}
+
+#: Modules whose import registers sweeps (imported by :func:`sweeps` before listing).
+SWEEP_MODULES: tuple[str, ...] = (
+    "lance_lib.experiments.finetune",
+    "lance_lib.experiments.transformer",
+    "lance_lib.experiments.latency",
+    "lance_lib.experiments.region_memory",
+    "lance_lib.continual",
+)
+
+
+def register_sweep(notebook: str) -> Callable[[SweepFunction], SweepFunction]:
+    """Decorator: ``function(params) -> [configs]`` declares what ``notebook`` needs.
+
+    ``notebook`` is the notebook's file stem (also its profile section's name).
+    """
+
+    def decorate(function: SweepFunction) -> SweepFunction:
+        _SWEEPS[notebook] = function
+        return function
+
+    return decorate
+
+
+def sweeps() -> dict[str, SweepFunction]:
+    """Every registered sweep, ``{notebook: function}`` (importing :data:`SWEEP_MODULES`)."""
+    for module in SWEEP_MODULES:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as error:
+            if error.name != module:  # a real import error inside the module
+                raise
+    return dict(_SWEEPS)
+
+
+def sweep(notebook: str, params: Mapping[str, Any]) -> list[ExperimentConfig]:
+    """The experiment configs ``notebook`` needs under ``params``."""
+    registered = sweeps()
+    if notebook not in registered:
+        raise KeyError(
+            f"no sweep registered for notebook {notebook!r}; known: {sorted(registered)}"
+        )
+    return list(registered[notebook](params))
+
+
+def profile_experiments(profile: str) -> dict[str, list[ExperimentConfig]]:
+    """``{notebook: [configs]}`` for every notebook of ``profile`` that declares a sweep."""
+    from lance_lib.notebook_runner import notebook_parameters
+    from lance_lib.paths import profiles_dir, repo_root
+
+    out: dict[str, list[ExperimentConfig]] = {}
+    for notebook, function in sorted(sweeps().items()):
+        path = repo_root() / "notebooks" / f"{notebook}.ipynb"
+        if not path.exists():
+            continue
+        params, _ = notebook_parameters(path, profile, profiles_dir=profiles_dir())
+        out[notebook] = list(function(params))
+    return out
