@@ -107,7 +107,7 @@ def _methods_section(report: dict, args: argparse.Namespace) -> None:
 
 def _fig5_section(report: dict, args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
-    resolution = MODEL_INFO["mcunet"]["native_resolution"]
+    resolution = MODEL_INFO["mcunet"].native_resolution
     split_a, split_b = two_class_splits(10, seed=args.seed)
     if args.weights == "pretrained":
         model = pretrain("mcunet", "cifar10_mini", split_a, seed=args.seed, progress=False)

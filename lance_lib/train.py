@@ -158,7 +158,7 @@ class FinetuneConfig:
     def settings(self) -> dict[str, Any]:
         """Every setting as JSON-ready values, with the method's own settings resolved."""
         out = asdict(self)
-        out["resolution"] = self.resolution or MODEL_INFO[self.model]["native_resolution"]
+        out["resolution"] = self.resolution or MODEL_INFO[self.model].native_resolution
         out["method_settings"] = method_settings(
             self.method, eps=self.eps, num_batches=self.num_batches, **self.method_options
         )

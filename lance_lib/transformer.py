@@ -68,11 +68,11 @@ from .calibration import Modes
 from .data import class_subset, get_dataset, make_loader, two_class_splits
 from .methods import MethodHandle, apply_method
 from .models import replace_classifier
+from .models.vit import NormLinear, block_linear_names, split_blocks
 from .prefix_cache import PrefixCache
 from .pretrain import pretrain
 from .results import cached_json, result_path
 from .train import _cycle, evaluate
-from .vit import NormLinear, block_linear_names, split_blocks
 
 __all__ = [
     "TRANSFORMER_METHODS",

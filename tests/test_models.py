@@ -1,5 +1,7 @@
 """Model builders, layer selection, freezing and prefix/tail splitting."""
 
+import dataclasses
+
 import pytest
 import torch
 import torchvision
@@ -8,6 +10,7 @@ from torch import nn
 from lance_lib.models import (
     MCUNET_STAND_IN,
     MODEL_INFO,
+    ModelInfo,
     MultiHead,
     alexnet_cl,
     build_model,
@@ -16,8 +19,10 @@ from lance_lib.models import (
     last_n_convs,
     last_n_layers,
     reduced_resnet18_cl,
+    register_model,
     replace_classifier,
     split_at,
+    vit_tiny,
 )
 
 SINGLE_TASK = ["resnet18", "resnet34", "mobilenet_v2", "mcunet"]
@@ -40,11 +45,11 @@ def test_single_task_models_run_at_small_input(name):
 
 def test_mcunet_stand_in_runs_at_native_resolution_and_says_so():
     model = build_model("mcunet", 5).eval()
-    side = MODEL_INFO["mcunet"]["native_resolution"]
+    side = MODEL_INFO["mcunet"].native_resolution
     with torch.no_grad():
         assert model(torch.randn(1, 3, side, side)).shape == (1, 5)
-    assert model.stand_in == MCUNET_STAND_IN == MODEL_INFO["mcunet"]["stand_in"]
-    assert "stand-in" in MODEL_INFO["mcunet"]["label"]
+    assert model.stand_in == MCUNET_STAND_IN == MODEL_INFO["mcunet"].stand_in
+    assert "stand-in" in MODEL_INFO["mcunet"].label
     assert isinstance(model, torchvision.models.MobileNetV2)
     assert model.features[1].conv[0][0].out_channels == 16  # 32 * 0.35 rounded to 8
     with pytest.raises(ValueError):
@@ -53,8 +58,42 @@ def test_mcunet_stand_in_runs_at_native_resolution_and_says_so():
 
 def test_model_info_resolutions():
     for name in ("resnet18", "resnet34", "mobilenet_v2"):
-        assert MODEL_INFO[name]["native_resolution"] == 224
-        assert MODEL_INFO[name]["stand_in"] is None
+        assert MODEL_INFO[name].native_resolution == 224
+        assert MODEL_INFO[name].stand_in is None
+
+
+def test_every_model_is_registered_where_it_is_defined():
+    assert sorted(MODEL_INFO) == sorted(
+        SINGLE_TASK + ["alexnet_cl", "reduced_resnet18_cl", "vit_tiny"]
+    )
+    assert MODEL_INFO["vit_tiny"].builder is vit_tiny
+    assert MODEL_INFO["alexnet_cl"].builder is alexnet_cl
+    for name, info in MODEL_INFO.items():
+        assert isinstance(info, ModelInfo) and info.name == name
+        assert info.kind == ("multi_head" if name.endswith("_cl") else "single_task")
+
+
+def test_model_info_is_frozen_and_the_table_read_only():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        MODEL_INFO["resnet18"].native_resolution = 32
+    with pytest.raises(TypeError):
+        MODEL_INFO["resnet18"] = MODEL_INFO["resnet34"]
+
+
+def test_register_model_rejects_a_second_builder_of_the_same_name():
+    def resnet18(num_classes, *, weights=None):
+        return nn.Linear(1, num_classes)
+
+    with pytest.raises(ValueError, match="registered twice"):
+        register_model(label="x", native_resolution=32)(resnet18)
+    with pytest.raises(ValueError, match="model kind"):
+        register_model(label="x", native_resolution=32, kind="tabular")
+    assert MODEL_INFO["resnet18"].label == "ResNet18"
+
+
+def test_multi_head_models_have_no_weights():
+    with pytest.raises(ValueError, match="weights=None"):
+        build_model("alexnet_cl", 5, num_tasks=2, weights="IMAGENET1K_V1")
 
 
 def test_weights_are_passed_through_and_classifier_replaced(monkeypatch):
@@ -72,7 +111,7 @@ def test_weights_are_passed_through_and_classifier_replaced(monkeypatch):
 
 
 def test_unknown_model_name():
-    with pytest.raises(KeyError):
+    with pytest.raises(KeyError, match="registered models"):
         build_model("vgg16", 10)
 
 

@@ -13,8 +13,8 @@ from lance_lib.calibration import calibrate
 from lance_lib.data import get_dataset
 from lance_lib.layers import compress
 from lance_lib.models import build_model, classifier_name, last_n_layers, replace_classifier
+from lance_lib.models.vit import NormLinear, VisionTransformer, block_linear_names, split_blocks
 from lance_lib.transformer import apply_block_method, measure_block_method, method_label
-from lance_lib.vit import NormLinear, VisionTransformer, block_linear_names, split_blocks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

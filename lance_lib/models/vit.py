@@ -44,6 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lance_lib.models.registry import register_model
+
 __all__ = [
     "Block",
     "NormLinear",
@@ -179,6 +181,8 @@ class VisionTransformer(nn.Module):
         return self.classifier(self.blocks(self.embed(x)))
 
 
+# the transformer companion: a pre-norm ViT for 32 px inputs
+@register_model(label="ViT-Tiny (pre-norm)", native_resolution=32)
 def vit_tiny(num_classes: int, *, weights: str | None = None, **kwargs) -> VisionTransformer:
     """The companion's ViT: 32 px, 4 x 4 patches (64 tokens), 4 blocks of width 64, 4 heads.
 
@@ -188,7 +192,7 @@ def vit_tiny(num_classes: int, *, weights: str | None = None, **kwargs) -> Visio
         Classifier outputs.
     weights
         Must be ``None``: the network is pretrained offline on class split A
-        (:func:`lance_lib.pretrain.pretrain`), never downloaded.
+        (:func:`lance_lib.experiments.pretrain.pretrain`), never downloaded.
     **kwargs
         Passed to :class:`VisionTransformer`.
 
