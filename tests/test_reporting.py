@@ -1,4 +1,4 @@
-"""Tests of the figure/table writers, the paper-vs-ours helper and the paper's numbers."""
+"""Tests of lance_lib.reporting: figure/table writers, paper-vs-ours, the paper's numbers."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lance_lib.paper_numbers import paper_table, paper_tables, paper_value
-from lance_lib.plotting import (
+from lance_lib.reporting import (
     Provenance,
+    paper_table,
+    paper_tables,
+    paper_value,
     paper_vs_ours,
     plot_accuracy_matrix,
     save_figure,

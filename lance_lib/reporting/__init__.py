@@ -1,0 +1,60 @@
+"""Reporting: the figure style, figure and table writers, the paper's numbers beside ours.
+
+The only package of the library that plots; experiments return records, notebooks pass
+them here.
+
+* :mod:`~lance_lib.reporting.style`: :func:`use_style`, :func:`figure_size`, method
+  labels and colours;
+* :mod:`~lance_lib.reporting.figures`: :func:`save_figure` (PNG + PDF + provenance,
+  atomically, shown inline in a notebook);
+* :mod:`~lance_lib.reporting.tables`: :func:`save_table` (Markdown + LaTeX booktabs);
+* :mod:`~lance_lib.reporting.provenance`: :class:`Provenance`, the caption and sidecar;
+* :mod:`~lance_lib.reporting.paper_numbers`: the paper's published tables;
+* :mod:`~lance_lib.reporting.comparison`: :func:`paper_vs_ours`;
+* :mod:`~lance_lib.reporting.accuracy_matrix`: :func:`plot_accuracy_matrix`.
+"""
+
+from .accuracy_matrix import plot_accuracy_matrix
+from .comparison import paper_vs_ours
+from .figures import SavedFiles, in_notebook, save_figure, show_png
+from .paper_numbers import PAPER_DATASET, PAPER_MODEL, paper_table, paper_tables, paper_value
+from .provenance import Provenance
+from .style import (
+    MAX_WIDTH,
+    METHOD_COLORS,
+    METHOD_LABELS,
+    PANEL_HEIGHT,
+    PANEL_WIDTH,
+    figure_size,
+    method_color,
+    method_label,
+    use_style,
+)
+from .tables import save_table, table_to_latex, table_to_markdown
+
+__all__ = [
+    "MAX_WIDTH",
+    "METHOD_COLORS",
+    "METHOD_LABELS",
+    "PANEL_HEIGHT",
+    "PANEL_WIDTH",
+    "PAPER_DATASET",
+    "PAPER_MODEL",
+    "Provenance",
+    "SavedFiles",
+    "figure_size",
+    "in_notebook",
+    "method_color",
+    "method_label",
+    "paper_table",
+    "paper_tables",
+    "paper_value",
+    "paper_vs_ours",
+    "plot_accuracy_matrix",
+    "save_figure",
+    "save_table",
+    "show_png",
+    "table_to_latex",
+    "table_to_markdown",
+    "use_style",
+]

@@ -1,0 +1,132 @@
+"""Saving a figure: PNG + PDF + provenance sidecar, written atomically and shown inline.
+
+A notebook draws with matplotlib / seaborn after :func:`lance_lib.reporting.use_style`
+and ends the cell with :func:`save_figure`. The figure is written as ``<stem>.png`` and
+``<stem>.pdf`` (and ``<stem>.provenance.json``), and, inside a Jupyter kernel (JupyterLab,
+or papermill under ``make figures``), the PNG just written is displayed in the cell
+output, so the reader sees exactly the file the gallery shows, and the executed
+notebooks under ``build/`` carry it as an ``image/png`` output whatever matplotlib
+backend the kernel runs.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import matplotlib.figure
+import matplotlib.pyplot as plt
+
+from lance_lib.io import atomic_write, write_json_atomic
+
+from .provenance import Provenance
+from .style import MAX_WIDTH
+
+__all__ = ["SavedFiles", "in_notebook", "save_figure", "show_png"]
+
+
+class SavedFiles(list):
+    """The paths a save wrote; shown as one short line instead of a list of ``PosixPath``."""
+
+    def __repr__(self) -> str:
+        if not self:
+            return "saved nothing"
+        folder = Path(self[0]).parent
+        return f"saved to {folder}: " + ", ".join(Path(p).name for p in self)
+
+
+def in_notebook() -> bool:
+    """Whether this process is a Jupyter kernel (JupyterLab, papermill, nbclient)."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and type(shell).__name__ == "ZMQInteractiveShell"
+
+
+def show_png(path: str | os.PathLike) -> None:
+    """Display the PNG at ``path`` in the cell output, at half its pixel size.
+
+    :func:`save_figure` writes PNGs at 200 dpi (``savefig.dpi`` of the style), so half
+    the pixel size shows the figure at 100 pixels per inch, the size it was drawn at.
+    """
+    from IPython.display import Image, display
+
+    display(Image(filename=str(path), retina=True))
+
+
+def _add_footer(fig: matplotlib.figure.Figure, text: str) -> None:
+    fig.canvas.draw()  # lay out first, then put the footer under everything drawn
+    box = fig.get_tightbbox(fig.canvas.get_renderer())
+    fig.text(
+        box.x0 / fig.get_figwidth(),
+        box.y0 / fig.get_figheight() - 0.01,
+        text,
+        fontsize=7,
+        color="0.35",
+        ha="left",
+        va="top",
+    )
+
+
+def save_figure(
+    fig: matplotlib.figure.Figure,
+    stem: str | os.PathLike,
+    *,
+    provenance: Provenance | None = None,
+    show: bool | None = None,
+    close: bool = True,
+) -> SavedFiles:
+    """Write ``fig`` as ``<stem>.png`` and ``<stem>.pdf``, each atomically, and show it.
+
+    Parameters
+    ----------
+    fig
+        The figure. One wider than :data:`lance_lib.reporting.style.MAX_WIDTH` inches is
+        scaled down to that width first (same aspect; text keeps its size), so every
+        figure of the gallery is readable at the same display width.
+    stem
+        Output path without suffix, e.g. ``figures/smoke/fig4_eps``.
+    provenance
+        If given, its :meth:`Provenance.caption` is written as a footer on the figure
+        and :meth:`Provenance.as_dict` as ``<stem>.provenance.json``.
+    show
+        Display the written PNG in the cell output; default: when running in a Jupyter
+        kernel (:func:`in_notebook`).
+    close
+        Close the figure afterwards (frees memory, and keeps the inline backend from
+        showing it a second time).
+
+    Returns
+    -------
+    SavedFiles
+        The files written (a list of paths).
+
+    Raises
+    ------
+    ValueError
+        ``stem`` carries a ``.png`` or ``.pdf`` suffix.
+    """
+    stem = Path(stem)
+    if stem.suffix in (".png", ".pdf"):
+        raise ValueError(f"stem must not carry a suffix, got {stem}; pass {stem.with_suffix('')}")
+    width, height = fig.get_size_inches()
+    if width > MAX_WIDTH:
+        fig.set_size_inches(MAX_WIDTH, height * MAX_WIDTH / width)
+    if provenance is not None:
+        _add_footer(fig, provenance.caption())
+    written = SavedFiles()
+    for fmt in ("png", "pdf"):
+        path = stem.with_name(f"{stem.name}.{fmt}")
+        written.append(
+            atomic_write(path, lambda handle, fmt=fmt: fig.savefig(handle, format=fmt), binary=True)
+        )
+    if provenance is not None:
+        sidecar = stem.with_name(f"{stem.name}.provenance.json")
+        written.append(write_json_atomic(sidecar, provenance.as_dict()))
+    if in_notebook() if show is None else show:
+        show_png(written[0])
+    if close:
+        plt.close(fig)
+    return written
