@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 from collections import Counter
 from pathlib import Path
 
@@ -19,10 +20,12 @@ from lance_lib.data import (
     data_root,
     get_dataset,
     make_loader,
+    register_dataset,
     task_splits,
     train_val_split,
     two_class_splits,
 )
+from lance_lib.paths import repo_root
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 CIFAR10_CLASSES = [
@@ -201,7 +204,23 @@ def test_lance_data_env_is_honoured(tmp_path, monkeypatch):
     with pytest.raises(DatasetNotFoundError, match=str(tmp_path)):
         get_dataset("cifar100")
     monkeypatch.delenv("LANCE_DATA")
-    assert data_root() == Path("data")
+    assert data_root() == repo_root() / "data"
+
+
+def test_default_data_root_is_the_repository_data_folder_whatever_the_cwd(tmp_path, monkeypatch):
+    monkeypatch.delenv("LANCE_DATA", raising=False)
+    monkeypatch.chdir(tmp_path)  # as a notebook run from notebooks/ would
+    assert data_root() == repo_root() / "data"
+    assert (data_root() / "cifar10-mini" / "train.zip").is_file()
+
+
+def test_the_registry_is_read_only_and_names_are_unique():
+    with pytest.raises(TypeError):
+        DATASETS["mine"] = DATASETS["cifar10"]
+    with pytest.raises(ValueError, match="taken"):
+        register_dataset(DATASETS["cifar10"])
+    with pytest.raises(ValueError, match="taken"):
+        register_dataset(dataclasses.replace(DATASETS["cifar10"], name="imagefolder:x"))
 
 
 def test_bad_name_and_split():
