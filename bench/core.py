@@ -30,8 +30,8 @@ from lance_lib.accounting import (
     time_step,
 )
 from lance_lib.data import class_subset, get_dataset, make_loader, two_class_splits
+from lance_lib.experiments.pretrain import pretrain
 from lance_lib.models import build_model, last_n_convs, replace_classifier
-from lance_lib.pretrain import pretrain
 
 
 class Layer4Tail(nn.Module):

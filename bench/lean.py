@@ -23,8 +23,8 @@ from torch import nn
 from lance_lib import calibrate, compress, restore
 from lance_lib.accounting import region_memory_table
 from lance_lib.data import class_subset, get_dataset, make_loader, two_class_splits
+from lance_lib.experiments.pretrain import pretrain
 from lance_lib.models import freeze_for_finetuning, last_n_convs, replace_classifier, split_at
-from lance_lib.pretrain import pretrain
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -25,9 +25,9 @@ from core import core_setting
 from torch import nn
 
 from lance_lib.data import class_subset, get_dataset, make_loader, two_class_splits
+from lance_lib.experiments.pretrain import pretrain
 from lance_lib.methods import METHODS, apply_method, measure_method
 from lance_lib.models import MODEL_INFO, build_model, last_n_convs, replace_classifier, split_at
-from lance_lib.pretrain import pretrain
 
 SUMMARY_KEYS = (
     "forward_s_median",

@@ -38,6 +38,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .data import LabeledSubset, class_subset, get_dataset, make_loader, two_class_splits
+from .experiments.prefix_cache import PrefixCache, step_speedup
+from .experiments.pretrain import pretrain
 from .methods import (
     METHODS,
     MethodHandle,
@@ -54,8 +56,6 @@ from .models import (
     replace_classifier,
     split_at,
 )
-from .prefix_cache import PrefixCache, step_speedup
-from .pretrain import pretrain
 from .results import read_json, result_path, write_json_atomic
 
 __all__ = ["FinetuneConfig", "evaluate", "finetune"]

@@ -66,11 +66,11 @@ from .accounting import gradient_angle, measure_saved_tensors, time_step
 from .baselines import LoRActPreNorm
 from .calibration import Modes
 from .data import class_subset, get_dataset, make_loader, two_class_splits
+from .experiments.prefix_cache import PrefixCache
+from .experiments.pretrain import pretrain
 from .methods import MethodHandle, apply_method
 from .models import replace_classifier
 from .models.vit import NormLinear, block_linear_names, split_blocks
-from .prefix_cache import PrefixCache
-from .pretrain import pretrain
 from .results import cached_json, result_path
 from .train import _cycle, evaluate
 

@@ -246,7 +246,7 @@ def build_reference(
     dict
         The new manifest entry.
     """
-    from lance_lib.pretrain import pretrain, state_dict_sha256
+    from lance_lib.experiments.pretrain import pretrain, state_dict_sha256
 
     if model not in REFERENCE_RECIPES:
         raise ValueError(

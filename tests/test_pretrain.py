@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from lance_lib import pretrain as pretrain_module
-from lance_lib.pretrain import (
+from lance_lib.experiments import pretrain as pretrain_module
+from lance_lib.experiments.pretrain import (
     CheckpointWarning,
     checkpoint_path,
     pretrain,

@@ -8,7 +8,7 @@ import torch
 import lance_lib.train as train_mod
 from lance_lib.data import class_subset, get_dataset
 from lance_lib.models import build_model, last_n_convs, split_at
-from lance_lib.prefix_cache import PrefixCache
+from lance_lib.experiments.prefix_cache import PrefixCache
 from lance_lib.results import read_json
 
 TINY = dict(

@@ -48,6 +48,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from lance_lib.data import DATASETS, two_class_splits
+from lance_lib.experiments.prefix_cache import PrefixCache
+from lance_lib.experiments.pretrain import pretrain, state_dict_sha256
 from lance_lib.models import (
     MODEL_INFO,
     build_model,
@@ -56,8 +58,6 @@ from lance_lib.models import (
     replace_classifier,
     split_at,
 )
-from lance_lib.prefix_cache import PrefixCache
-from lance_lib.pretrain import pretrain, state_dict_sha256
 from lance_lib.weights import REFERENCE_RECIPES, load_reference, manifest_entry
 
 __all__ = [
