@@ -9,7 +9,34 @@ Parameters come from ``profiles/<profile>.yaml``::
       inputs: [bench/latest.json]   # optional: files the notebook reads (not a parameter)
 
 Three parameters are always injected: ``profile`` (its name), ``outputs_dir``
-(``figures/<profile>`` unless given) and ``force`` (recompute cached results).
+(``figures/<profile>`` at the repository root unless given) and ``force`` (recompute
+cached results).
+
+One source of truth: the profile
+--------------------------------
+A notebook opened in JupyterLab gets the same values as under ``make figures``: its
+parameters cell reads them from the profile it names, one line per parameter::
+
+    from lance_lib.notebook_runner import profile_parameters
+
+    profile = "smoke"  # profiles/<profile>.yaml supplies every value below
+    params = profile_parameters("fig4_eps_gradient", profile)
+    outputs_dir = params["outputs_dir"]  # figures/<profile>/ at the repository root
+    force = False  # recompute cached results
+    eps_values = params["eps_values"]  # energy thresholds of Eq. (3)
+
+The reader changes a value by editing its line, or the whole set by naming another
+profile; papermill sees every line as a declared parameter and the runner injects the
+profile's values after the cell (the same values, so a notebook behaves the same in
+both). Every path resolves from the repository root (:mod:`lance_lib.paths`), never
+from the working directory (``notebooks/`` under JupyterLab).
+
+The kernel
+----------
+The runner starts the kernel with matplotlib's inline backend (figures become
+``image/png`` outputs of the executed notebook, whatever ``MPLBACKEND`` the caller has)
+and with ``LANCE_PROGRESS=0`` unless the caller set it (:mod:`lance_lib.progress`: no
+progress bars in executed notebooks nobody watches).
 
 Incremental and resumable
 -------------------------
@@ -33,35 +60,43 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
 import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import nbformat
 import yaml
 
+from lance_lib import paths
+from lance_lib.progress import PROGRESS_ENV
+
 __all__ = [
     "INJECTED",
+    "KERNEL_ENV",
     "fingerprint",
     "load_profile",
     "main",
     "notebook_parameters",
+    "profile_parameters",
     "run_notebook",
 ]
 
 #: Parameters the runner always passes; every notebook must declare them.
 INJECTED = ("profile", "outputs_dir", "force")
 KERNEL = "lance"
+#: Environment of the kernels the runner starts (``PROGRESS_ENV`` only if unset).
+KERNEL_ENV = {"MPLBACKEND": "module://matplotlib_inline.backend_inline", PROGRESS_ENV: "0"}
 _LIBRARY = Path(__file__).resolve().parent
 
 
-def load_profile(profile: str, profiles_dir: str | os.PathLike = "profiles") -> dict[str, Any]:
-    """Read ``<profiles_dir>/<profile>.yaml`` and check its shape.
+def load_profile(profile: str, profiles_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Read ``<profiles_dir>/<profile>.yaml`` (default: the repository's ``profiles/``).
 
     Raises
     ------
@@ -70,9 +105,10 @@ def load_profile(profile: str, profiles_dir: str | os.PathLike = "profiles") -> 
     ValueError
         The file is not a mapping of sections, or ``common`` / a section is not a mapping.
     """
-    path = Path(profiles_dir) / f"{profile}.yaml"
+    profiles_dir = Path(profiles_dir) if profiles_dir is not None else paths.profiles_dir()
+    path = profiles_dir / f"{profile}.yaml"
     if not path.is_file():
-        known = sorted(p.stem for p in Path(profiles_dir).glob("*.yaml"))
+        known = sorted(p.stem for p in profiles_dir.glob("*.yaml"))
         raise FileNotFoundError(f"no profile {profile!r} at {path}; profiles: {known}")
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
@@ -93,11 +129,71 @@ def _declared(notebook: Path) -> dict[str, Any]:
     return pm.inspect_notebook(str(notebook))
 
 
+def _section(
+    data: Mapping[str, Any], notebook: str | os.PathLike
+) -> tuple[dict[str, Any], list[str]]:
+    """The notebook's own section of a loaded profile (without ``inputs``), and its inputs."""
+    section = dict(data.get(Path(notebook).stem) or {})
+    inputs = [str(p) for p in section.pop("inputs", [])]
+    return section, inputs
+
+
+def _outputs_dir(profile: str, outputs_dir: str | os.PathLike | None) -> str:
+    folder = Path(outputs_dir) if outputs_dir is not None else paths.figures_dir(profile)
+    return str(folder.resolve())
+
+
+def profile_parameters(
+    notebook: str | os.PathLike,
+    profile: str = "smoke",
+    *,
+    profiles_dir: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Every value ``profile`` gives ``notebook``: what its parameters cell reads.
+
+    Parameters
+    ----------
+    notebook
+        The notebook's file name or stem (``"fig4_eps_gradient"``): its section of the
+        profile is used.
+    profile
+        Which ``profiles/<profile>.yaml`` to read.
+    profiles_dir
+        Folder of the profiles (default: the repository's ``profiles/``).
+
+    Returns
+    -------
+    dict
+        The ``common`` keys, overridden by the notebook's section, and ``profile``,
+        ``outputs_dir`` (``figures/<profile>`` at the repository root, absolute) and
+        ``force`` (``False``): the values :func:`run_notebook` injects.
+
+    Raises
+    ------
+    FileNotFoundError
+        No such profile (the message lists those that exist).
+    KeyError
+        The profile has no section for the notebook.
+    """
+    data = load_profile(profile, profiles_dir)
+    stem = Path(notebook).stem
+    if stem not in data:
+        sections = sorted(k for k in data if k != "common")
+        raise KeyError(
+            f"profile {profile!r} has no section {stem!r}; add one to profiles/{profile}.yaml "
+            f"(its sections: {sections})"
+        )
+    section, _ = _section(data, stem)
+    params = {**(data.get("common") or {}), **section}
+    params.update(profile=profile, outputs_dir=_outputs_dir(profile, None), force=False)
+    return params
+
+
 def notebook_parameters(
     notebook: str | os.PathLike,
     profile: str,
     *,
-    profiles_dir: str | os.PathLike = "profiles",
+    profiles_dir: str | os.PathLike | None = None,
     outputs_dir: str | os.PathLike | None = None,
     force: bool = False,
     overrides: Mapping[str, Any] | None = None,
@@ -105,7 +201,8 @@ def notebook_parameters(
     """Parameters for ``notebook`` under ``profile``, and its declared input files.
 
     ``common`` keys the notebook declares, then the notebook's own section, then
-    ``overrides``, then the injected ``profile``, ``outputs_dir`` and ``force``.
+    ``overrides``, then the injected ``profile``, ``outputs_dir`` (default
+    ``figures/<profile>`` at the repository root) and ``force``.
 
     Raises
     ------
@@ -119,8 +216,7 @@ def notebook_parameters(
     if missing:
         raise ValueError(f"{notebook} must declare {missing} in its parameters cell")
     data = load_profile(profile, profiles_dir)
-    section = dict(data.get(notebook.stem) or {})
-    inputs = [str(p) for p in section.pop("inputs", [])]
+    section, inputs = _section(data, notebook)
     own = {**section, **dict(overrides or {})}
     unknown = sorted(set(own) - set(declared))
     if unknown:
@@ -130,9 +226,9 @@ def notebook_parameters(
         )
     params = {k: v for k, v in (data.get("common") or {}).items() if k in declared}
     params.update(own)
-    if outputs_dir is None:
-        outputs_dir = Path("figures") / profile
-    params.update(profile=profile, outputs_dir=str(Path(outputs_dir).resolve()), force=bool(force))
+    params.update(
+        profile=profile, outputs_dir=_outputs_dir(profile, outputs_dir), force=bool(force)
+    )
     return params, inputs
 
 
@@ -177,12 +273,30 @@ def _write_depfile(output: Path, inputs: Sequence[str]) -> None:
     os.replace(tmp, dep)
 
 
+@contextlib.contextmanager
+def _kernel_environment() -> Iterator[None]:
+    """Set :data:`KERNEL_ENV` for the kernels started inside, then restore the caller's."""
+    wanted = dict(KERNEL_ENV)
+    if os.environ.get(PROGRESS_ENV):
+        del wanted[PROGRESS_ENV]  # the caller asked for bars (or not) explicitly
+    saved = {k: os.environ.get(k) for k in wanted}
+    os.environ.update(wanted)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def run_notebook(
     notebook: str | os.PathLike,
     output: str | os.PathLike,
     *,
     profile: str = "smoke",
-    profiles_dir: str | os.PathLike = "profiles",
+    profiles_dir: str | os.PathLike | None = None,
     outputs_dir: str | os.PathLike | None = None,
     force: bool = False,
     overrides: Mapping[str, Any] | None = None,
@@ -196,10 +310,11 @@ def run_notebook(
     notebook, output
         Source notebook and executed notebook paths.
     profile, profiles_dir
-        Which ``<profiles_dir>/<profile>.yaml`` to read.
+        Which ``<profiles_dir>/<profile>.yaml`` to read (default: the repository's
+        ``profiles/``).
     outputs_dir
         Where the notebook writes figures, tables and results (default
-        ``figures/<profile>``); tests pass a temporary folder.
+        ``figures/<profile>`` at the repository root); tests pass a temporary folder.
     force
         Execute even when the fingerprint is unchanged, and tell the notebook to
         recompute its cached results.
@@ -254,15 +369,16 @@ def run_notebook(
     os.close(fd)
     failed = output.with_name(output.stem + ".failed.ipynb")
     try:
-        pm.execute_notebook(
-            str(notebook),
-            tmp,
-            parameters=params,
-            kernel_name=kernel,
-            log_output=log_output,
-            progress_bar=False,
-            cwd=os.getcwd(),
-        )
+        with _kernel_environment():
+            pm.execute_notebook(
+                str(notebook),
+                tmp,
+                parameters=params,
+                kernel_name=kernel,
+                log_output=log_output,
+                progress_bar=False,
+                cwd=os.getcwd(),
+            )
     except BaseException:
         if os.path.exists(tmp):
             os.replace(tmp, failed)
@@ -299,7 +415,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("notebook", type=Path)
     parser.add_argument("output", type=Path)
     parser.add_argument("--profile", default="smoke")
-    parser.add_argument("--profiles-dir", default="profiles", type=Path)
+    parser.add_argument("--profiles-dir", default=None, type=Path)
     parser.add_argument("--outputs-dir", default=None, type=Path)
     parser.add_argument("--force", action="store_true")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")

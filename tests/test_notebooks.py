@@ -13,7 +13,13 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from lance_lib.notebook_runner import fingerprint, load_profile, notebook_parameters, run_notebook
+from lance_lib.notebook_runner import (
+    fingerprint,
+    load_profile,
+    notebook_parameters,
+    profile_parameters,
+    run_notebook,
+)
 
 pytestmark = pytest.mark.notebooks
 
@@ -22,10 +28,10 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 PROFILES = ROOT / "profiles"
 
 
-def _tiny_notebook(path: Path, body: str) -> Path:
+def _tiny_notebook(path: Path, *bodies: str) -> Path:
     params = nbformat.v4.new_code_cell('profile = "x"\noutputs_dir = "."\nforce = False\nsize = 1')
     params.metadata["tags"] = ["parameters"]
-    nb = nbformat.v4.new_notebook(cells=[params, nbformat.v4.new_code_cell(body)])
+    nb = nbformat.v4.new_notebook(cells=[params, *map(nbformat.v4.new_code_cell, bodies)])
     nb.metadata["kernelspec"] = {"name": "lance", "display_name": "lance", "language": "python"}
     nbformat.write(nb, path)
     return path
@@ -88,6 +94,50 @@ def test_runner_skips_unchanged_and_keeps_failures(tmp_path, profiles):
         run_notebook(bad, tmp_path / "build" / "bad.ipynb", **kw)
     assert not (tmp_path / "build" / "bad.ipynb").exists()
     assert (tmp_path / "build" / "bad.failed.ipynb").exists()
+
+
+def _outputs(cell, kind: str) -> list:
+    """The outputs of ``cell`` of one kind: ``image/png``, ``stderr`` or ``text``."""
+    if kind == "stderr":
+        return [o for o in cell.outputs if o.output_type == "stream" and o.name == "stderr"]
+    if kind == "text":
+        texts = [o.get("text", "") for o in cell.outputs if o.output_type == "stream"]
+        return texts + [o.data.get("text/plain", "") for o in cell.outputs if "data" in o]
+    return [o for o in cell.outputs if kind in o.get("data", {})]
+
+
+def test_runner_kernel_shows_figures_inline_without_progress(tmp_path, profiles, monkeypatch):
+    monkeypatch.setenv("MPLBACKEND", "Agg")  # what the Makefile exports to every target
+    monkeypatch.delenv("LANCE_PROGRESS", raising=False)
+    nb = _tiny_notebook(
+        tmp_path / "tiny.ipynb",
+        "import matplotlib.pyplot as plt\nfrom lance_lib.reporting import save_figure\n"
+        "fig, ax = plt.subplots()\nax.plot([0, 1])\nsave_figure(fig, f'{outputs_dir}/fig')",
+        "plt.plot([1, 0])\nplt.show()",
+        "import os\nprint(os.environ['LANCE_PROGRESS'])",
+    )
+    out = tmp_path / "build" / "tiny.ipynb"
+    run_notebook(nb, out, profile="t", profiles_dir=profiles, outputs_dir=tmp_path / "figs")
+    saved, shown, env = nbformat.read(out, as_version=4).cells[-3:]
+    assert len(_outputs(saved, "image/png")) == 1  # the PNG written, shown once
+    assert "PosixPath" not in "".join(_outputs(saved, "text"))
+    assert (tmp_path / "figs" / "fig.png").is_file() and (tmp_path / "figs" / "fig.pdf").is_file()
+    assert _outputs(shown, "image/png")  # plt.show() draws under the inline backend
+    assert "".join(_outputs(env, "text")).strip() == "0"  # no bars in executed notebooks
+    assert not any(_outputs(c, "stderr") for c in (saved, shown, env))
+
+
+def test_profile_parameters_resolve_from_the_repository_root(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # JupyterLab runs notebooks in notebooks/, make in the root
+    monkeypatch.delenv("LANCE_FIGURES", raising=False)
+    params = profile_parameters("fig4_eps_gradient.ipynb", "smoke")
+    assert Path(params["outputs_dir"]) == ROOT / "figures" / "smoke"
+    data = load_profile("smoke")
+    assert params["seed"] == data["common"]["seed"]
+    assert params["eps_values"] == data["fig4_eps_gradient"]["eps_values"]
+    assert "inputs" not in params and params["profile"] == "smoke" and params["force"] is False
+    with pytest.raises(KeyError, match="no section 'nope'"):
+        profile_parameters("nope", "smoke")
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ them here.
 
 from .accuracy_matrix import plot_accuracy_matrix
 from .comparison import paper_vs_ours
-from .figures import SavedFiles, in_notebook, save_figure, show_png
+from .figures import SavedFiles, save_figure, show_png
 from .paper_numbers import PAPER_DATASET, PAPER_MODEL, paper_table, paper_tables, paper_value
 from .provenance import Provenance
 from .style import (
@@ -43,7 +43,6 @@ __all__ = [
     "Provenance",
     "SavedFiles",
     "figure_size",
-    "in_notebook",
     "method_color",
     "method_label",
     "paper_table",

@@ -18,11 +18,12 @@ import matplotlib.figure
 import matplotlib.pyplot as plt
 
 from lance_lib.io import atomic_write, write_json_atomic
+from lance_lib.progress import in_notebook
 
 from .provenance import Provenance
 from .style import MAX_WIDTH
 
-__all__ = ["SavedFiles", "in_notebook", "save_figure", "show_png"]
+__all__ = ["SavedFiles", "save_figure", "show_png"]
 
 
 class SavedFiles(list):
@@ -33,16 +34,6 @@ class SavedFiles(list):
             return "saved nothing"
         folder = Path(self[0]).parent
         return f"saved to {folder}: " + ", ".join(Path(p).name for p in self)
-
-
-def in_notebook() -> bool:
-    """Whether this process is a Jupyter kernel (JupyterLab, papermill, nbclient)."""
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return False
-    shell = get_ipython()
-    return shell is not None and type(shell).__name__ == "ZMQInteractiveShell"
 
 
 def show_png(path: str | os.PathLike) -> None:
@@ -93,7 +84,7 @@ def save_figure(
         and :meth:`Provenance.as_dict` as ``<stem>.provenance.json``.
     show
         Display the written PNG in the cell output; default: when running in a Jupyter
-        kernel (:func:`in_notebook`).
+        kernel (:func:`lance_lib.progress.in_notebook`).
     close
         Close the figure afterwards (frees memory, and keeps the inline backend from
         showing it a second time).
