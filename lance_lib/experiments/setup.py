@@ -6,7 +6,7 @@ take the starting weights, put a new classifier for the fine-tuning classes, cho
 the last ``N`` convolutions, freeze everything else (BatchNorm in evaluation mode), and,
 because the frozen prefix then depends on the image only, split the network into a
 frozen prefix and a trainable tail whose inputs can be cached
-(:class:`~lance_lib.prefix_cache.PrefixCache`). :func:`prepare_finetuning` does all of
+(:class:`~lance_lib.experiments.prefix_cache.PrefixCache`). :func:`prepare_finetuning` does all of
 it and returns a :class:`Prepared`; :func:`class_split`, :func:`starting_model` and
 :func:`select_tail` are its steps, for experiments that vary one of them (e.g. the
 number of trainable layers on one loaded model).
@@ -23,7 +23,7 @@ Starting weights (``weights``):
     stand-in).
 ``"pretrained-split-A"``
     The paper's Table 1 protocol on the fine-tuning dataset itself: pretrain from
-    scratch on its class split A (:func:`lance_lib.pretrain.pretrain`, cached) and
+    scratch on its class split A (:func:`lance_lib.experiments.pretrain.pretrain`, cached) and
     fine-tune on split B. The split is fixed (:data:`SPLIT_SEED`, the reference
     recipes' split seed, so CIFAR-10's halves are the same for both kinds of weights);
     the experiment's seed changes the pretraining's initialisation and data order, not
@@ -58,6 +58,7 @@ from lance_lib.models import (
     replace_classifier,
     split_at,
 )
+from lance_lib.progress import progress_enabled
 from lance_lib.weights import REFERENCE_RECIPES, load_reference, manifest_entry
 
 __all__ = [
@@ -143,7 +144,7 @@ def default_resolution(model: str, weights: str | None) -> int:
     """Input side when ``resolution=None``: the reference weights' own, else the model's."""
     if weights == "reference":
         return REFERENCE_RECIPES[model].resolution
-    return MODEL_INFO[model]["native_resolution"]
+    return MODEL_INFO[model].native_resolution
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -224,7 +225,7 @@ class StartingWeights:
         The ``weights`` setting.
     sha256
         Reference weights: the file's SHA-256 from the verified manifest entry;
-        otherwise :func:`lance_lib.pretrain.state_dict_sha256` of the starting state
+        otherwise :func:`lance_lib.experiments.pretrain.state_dict_sha256` of the starting state
         dict (before the classifier is replaced).
     record
         The manifest entry (reference) or the pretraining record
@@ -256,7 +257,7 @@ def starting_model(
     pretrain_lr: float = 0.05,
     seed: int = 0,
     root: str | os.PathLike | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
     device: str | torch.device | None = None,
 ) -> tuple[nn.Module, StartingWeights]:
     """The network with its starting weights, on CPU, and where they came from.
@@ -267,9 +268,10 @@ def starting_model(
         A model of :data:`lance_lib.models.MODEL_INFO` and one of :data:`WEIGHTS`.
     dataset, pretrain_classes, pretrain_epochs, pretrain_resolution, pretrain_lr, seed
         ``"pretrained-split-A"`` only: pretraining on these classes of ``dataset``
-        (:func:`lance_lib.pretrain.pretrain`, cached under the data root).
+        (:func:`lance_lib.experiments.pretrain.pretrain`, cached under the data root).
     root, progress, device
-        Data root, progress bars, and where pretraining runs.
+        Data root, progress bars (``None``: :func:`lance_lib.progress.progress_enabled`),
+        and where pretraining runs.
 
     Returns
     -------
@@ -300,7 +302,7 @@ def starting_model(
                 lr=pretrain_lr,
                 seed=seed,
                 root=root,
-                progress=progress,
+                progress=progress_enabled(progress),
                 device=device,
             )
             sha = state_dict_sha256(net.state_dict())
@@ -386,7 +388,7 @@ class Prepared:
     device: torch.device
     stand_in: str | None = None
 
-    def tail_data(self, dataset: Dataset, *, flips: bool, progress: bool = False) -> Dataset:
+    def tail_data(self, dataset: Dataset, *, flips: bool, progress: bool | None = None) -> Dataset:
         """What ``tail`` trains or is evaluated on: cached prefix outputs, or ``dataset``.
 
         ``dataset`` must be unaugmented when a prefix exists (:class:`PrefixCache`
@@ -394,7 +396,7 @@ class Prepared:
         """
         if self.prefix is None:
             return dataset
-        return PrefixCache(self.prefix, dataset, flips=flips, progress=progress)
+        return PrefixCache(self.prefix, dataset, flips=flips, progress=progress_enabled(progress))
 
 
 def prepare_finetuning(
@@ -413,7 +415,7 @@ def prepare_finetuning(
     seed: int = 0,
     root: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> Prepared:
     """Starting weights, new classifier, last ``N`` convs, freezing and prefix/tail split.
 
@@ -437,7 +439,8 @@ def prepare_finetuning(
         Fixes the pretraining (``"pretrained-split-A"``), the random initialisation
         (``None``) and the new classifier; the caller's random state is left as it was.
     root, device, progress
-        Data root, where the model goes (default CUDA when available), progress bars.
+        Data root, where the model goes (default CUDA when available), progress bars
+        (``None``: :func:`lance_lib.progress.progress_enabled`).
 
     Returns
     -------

@@ -1,0 +1,153 @@
+"""The fine-tuning runs each notebook needs, declared once for notebooks and the grid.
+
+Each function turns a notebook's parameters (its parameters cell merged with its profile
+section, :func:`lance_lib.notebook_runner.notebook_parameters`) into the list of
+:class:`~lance_lib.experiments.finetune_config.FinetuneConfig` it tabulates or plots,
+registered with :func:`lance_lib.experiments.sweeps.register_sweep` under the
+notebook's name. The notebook calls :func:`lance_lib.experiments.sweeps.sweep` and runs
+each config; ``make grid`` computes the same configs beforehand, so the notebook finds
+their records in the cache.
+
+Every config starts from the notebook's ``finetune`` settings (the profile's
+``common.finetune``), with ``seed`` and, per model, ``weights_by_model`` applied
+(:func:`finetune_config`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from lance_lib.experiments.finetune_config import FinetuneConfig
+from lance_lib.experiments.sweeps import register_sweep
+
+__all__ = [
+    "SMALL_BATCHES",
+    "fig3_ablation",
+    "fig3_points",
+    "finetune_config",
+    "table1_split",
+    "table2_finetune",
+]
+
+#: Batch sizes of Tables 8 and 9 (BP and LANCE only, on the paper's small-batch models).
+SMALL_BATCHES: tuple[int, ...] = (4, 8)
+
+#: Weights under which a run is the Table 1 protocol (pretrain on split A, fine-tune on B).
+SPLIT_WEIGHTS: tuple[str, ...] = ("reference", "pretrained-split-A")
+
+
+def finetune_config(params: Mapping[str, Any], **changes: Any) -> FinetuneConfig:
+    """One run of a notebook: its ``finetune`` settings, ``seed`` and per-model weights.
+
+    Parameters
+    ----------
+    params
+        The notebook's parameters; reads ``finetune`` (a mapping of
+        :class:`FinetuneConfig` fields), ``seed`` and ``weights_by_model`` (optional
+        ``{model: weights}``).
+    **changes
+        The fields this run sets (``model``, ``dataset``, ``method``, ...).
+
+    Returns
+    -------
+    FinetuneConfig
+        Validated.
+    """
+    settings = {**dict(params.get("finetune") or {}), "seed": params.get("seed", 0), **changes}
+    model = settings.get("model", FinetuneConfig.model)
+    by_model = params.get("weights_by_model") or {}
+    if model in by_model:
+        settings["weights"] = by_model[model]
+    return FinetuneConfig.from_dict(settings)
+
+
+@register_sweep("table2_finetune")
+def table2_finetune(params: Mapping[str, Any]) -> list[FinetuneConfig]:
+    """Table 2 and Fig. 1c (``batch_sizes`` of 128 or others) and Tables 8-9 (batch 4, 8).
+
+    Reads ``models``, ``datasets``, ``methods``, ``layer_counts``, ``batch_sizes`` and,
+    for the batch sizes of :data:`SMALL_BATCHES`, ``small_batch_models`` and
+    ``small_batch_methods`` instead of ``models`` and ``methods``.
+    """
+    out = []
+    for batch in params["batch_sizes"]:
+        small = batch in SMALL_BATCHES
+        for model in params["small_batch_models"] if small else params["models"]:
+            for dataset in params["datasets"]:
+                for method in params["small_batch_methods"] if small else params["methods"]:
+                    for layers in params["layer_counts"]:
+                        out.append(
+                            finetune_config(
+                                params,
+                                model=model,
+                                dataset=dataset,
+                                method=method,
+                                layers=layers,
+                                batch_size=batch,
+                            )
+                        )
+    return out
+
+
+@register_sweep("table1_split")
+def table1_split(params: Mapping[str, Any]) -> list[FinetuneConfig]:
+    """Table 1: BP and LANCE from split-A weights, fine-tuned on split B.
+
+    Reads ``models``, ``datasets``, ``methods``, ``layer_counts`` and
+    ``finetune_overrides`` (applied over ``finetune``). The weights must be split-A
+    weights (:data:`SPLIT_WEIGHTS`): the reference backbones or ``"pretrained-split-A"``.
+    """
+    overrides = dict(params.get("finetune_overrides") or {})
+    base = {**params, "finetune": {**dict(params.get("finetune") or {}), **overrides}}
+    out = []
+    for model in params["models"]:
+        for dataset in params["datasets"]:
+            for method in params["methods"]:
+                for layers in params["layer_counts"]:
+                    cfg = finetune_config(
+                        base, model=model, dataset=dataset, method=method, layers=layers
+                    )
+                    if cfg.weights not in SPLIT_WEIGHTS:
+                        raise ValueError(
+                            f"Table 1 is the split-A -> split-B protocol: weights must be one "
+                            f"of {list(SPLIT_WEIGHTS)}, got weights={cfg.weights!r} for "
+                            f"{model}; set finetune.weights (or weights_by_model) accordingly"
+                        )
+                    out.append(cfg)
+    return out
+
+
+def fig3_points(params: Mapping[str, Any]) -> Iterator[tuple[dict[str, Any], FinetuneConfig]]:
+    """Every point of Fig. 3 with its LANCE config and, first per sweep, its BP reference.
+
+    Yields ``(point, config)``: ``point`` holds ``sweep`` (``"eps"`` or
+    ``"num_batches"``), ``model``, ``dataset``, ``value`` (``None`` for the BP
+    reference) and ``reference`` (the BP config of the same model and dataset).
+    Reads ``models``, ``eps_dataset``, ``eps_values``, ``n_dataset``, ``n_eps`` and
+    ``num_batches_values``.
+    """
+    sweeps = (
+        ("eps", params["eps_dataset"], params["eps_values"]),
+        ("num_batches", params["n_dataset"], params["num_batches_values"]),
+    )
+    for model in params["models"]:
+        for sweep, dataset, values in sweeps:
+            bp = finetune_config(params, model=model, dataset=dataset, method="bp")
+            yield {"sweep": sweep, "model": model, "dataset": dataset, "value": None}, bp
+            for value in values:
+                if sweep == "eps":
+                    changes = {"eps": value}
+                else:
+                    changes = {"eps": params["n_eps"], "num_batches": value}
+                cfg = finetune_config(
+                    params, model=model, dataset=dataset, method="lance", **changes
+                )
+                point = {"sweep": sweep, "model": model, "dataset": dataset, "value": value}
+                yield {**point, "reference": bp}, cfg
+
+
+@register_sweep("fig3_ablation")
+def fig3_ablation(params: Mapping[str, Any]) -> list[FinetuneConfig]:
+    """Fig. 3: LANCE against eps and against the calibration batches N, with BP's runs."""
+    return list(dict.fromkeys(cfg for _, cfg in fig3_points(params)))

@@ -1,0 +1,204 @@
+"""Fine-tuning records as tables: one row per run, and ours beside the paper (Tables 1, 2, 8, 9).
+
+The notebooks ``table1_split``, ``table2_finetune`` and ``fig3_ablation`` run the
+configs of their sweep (:mod:`lance_lib.experiments.finetune_sweeps`) and pass the
+records here; nothing in this module computes an experiment. Accuracy is the top-1 test
+accuracy after the last epoch (%); ``analytic_mb`` is the published convention of
+Appendix C (elements kept for the trained convolutions' weight gradients, 4 bytes
+each); ``measured_mb`` what those layers really keep (saved-tensor hooks); ``flops``
+those of one training step (``FlopCounterMode``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from lance_lib.experiments.finetune_config import FinetuneConfig
+from lance_lib.experiments.finetune_sweeps import fig3_points
+from lance_lib.reporting.comparison import paper_vs_ours
+from lance_lib.reporting.paper_numbers import PAPER_DATASET, PAPER_MODEL, paper_table
+from lance_lib.reporting.style import method_label
+
+__all__ = ["fig3_rows", "finetune_rows", "paper_comparison", "table1_comparison"]
+
+_KEYS = ["model", "dataset", "method", "layers", "batch_size"]
+
+
+def finetune_rows(records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """One row per fine-tuning record.
+
+    Parameters
+    ----------
+    records
+        Records of :func:`lance_lib.experiments.finetune.finetune` (run with
+        ``measure=True``).
+
+    Returns
+    -------
+    DataFrame
+        ``model, dataset, method, layers, batch_size, eps, num_batches, classes,
+        accuracy`` (%), ``analytic_mb, analytic_bp_mb, measured_mb, flops, step_s`` and
+        ``results_file``.
+    """
+    rows = []
+    for r in records:
+        s, m = r["settings"], r["measurements"]
+        if m is None:
+            raise ValueError(f"{r.get('path')}: a table needs measured runs (measure=True)")
+        rows.append(
+            {
+                **{key: s[key] for key in _KEYS},
+                "eps": s["eps"],
+                "num_batches": s["num_batches"],
+                "classes": r["classes"],
+                "accuracy": 100 * r["final_accuracy"],
+                "analytic_mb": m["analytic_mb"],
+                "analytic_bp_mb": m["analytic_bp_mb"],
+                "measured_mb": m["measured_layer_bytes"] / 2**20,
+                "flops": m["flops_measured"],
+                "step_s": m["step_s_median"],
+                "results_file": Path(r["path"]).name if "path" in r else None,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def paper_comparison(
+    df: pd.DataFrame,
+    tables: Sequence[int],
+    flops_metric: str,
+    flops_scale: float,
+    *,
+    paper_batch: int | None = None,
+    paper_reference: Mapping[str, str] | None = None,
+) -> pd.DataFrame:
+    """Ours beside the paper's Table 2 (or 8-9): accuracy, memory (MB) and FLOPs.
+
+    Parameters
+    ----------
+    df
+        Rows of :func:`finetune_rows`.
+    tables
+        The paper's tables to compare with (``[2]`` or ``[8, 9]``).
+    flops_metric, flops_scale
+        The paper's FLOPs column (``"TFLOPs"``, ``"GFLOPs"``) and its unit in FLOPs.
+    paper_batch
+        Compare every row with the paper's rows at this batch size (Table 2: 128);
+        ``None`` matches our batch size.
+    paper_reference
+        ``{our dataset: the paper's dataset}`` for datasets the paper does not report
+        (e.g. the embedded ``cifar10_mini`` beside CIFAR-10).
+
+    Returns
+    -------
+    DataFrame
+        ``ours on`` (dataset, batch), the keys (``paper on``: the paper's dataset,
+        ``paper batch``), ``paper mark`` (the paper's source marks), ``like for like``
+        (a dataset the paper reports, at its batch size), then per metric paper / ours
+        / difference, and ``MB (measured, ours)``.
+    """
+    reference = dict(paper_reference or {})
+
+    def paper_dataset(name: str) -> str:
+        return PAPER_DATASET.get(name) or reference.get(name, name)
+
+    ours = pd.DataFrame(
+        {
+            "model": df.model.map(lambda m: PAPER_MODEL.get(m, m)),
+            "dataset": df.dataset.map(paper_dataset),
+            "method": df.method.map(method_label),
+            "layers": df.layers,
+            "batch_size": df.batch_size if paper_batch is None else paper_batch,
+            "Acc": df.accuracy,
+            "MB": df.analytic_mb,
+            "FLOPs": df.flops / flops_scale,
+        }
+    )
+    paper = pd.concat([paper_table(t) for t in tables], ignore_index=True)
+    paper = paper.rename(columns={flops_metric: "FLOPs"})
+    table = paper_vs_ours(ours, paper, _KEYS, ["Acc", "MB", "FLOPs"])
+    marks = ours[_KEYS].merge(paper[_KEYS + ["source_mark"]], on=_KEYS, how="left")
+    table.insert(len(_KEYS), "paper mark", marks["source_mark"].fillna("").to_numpy())
+    table.insert(
+        0, "ours on", [f"{x}, batch {b}" for x, b in zip(df.dataset, df.batch_size, strict=True)]
+    )
+    table = table.rename(columns={"dataset": "paper on", "batch_size": "paper batch"})
+    like = [
+        PAPER_DATASET.get(x) is not None and b == pb
+        for x, b, pb in zip(df.dataset, df.batch_size, ours.batch_size, strict=True)
+    ]
+    table.insert(len(_KEYS) + 2, "like for like", like)
+    table["MB (measured, ours)"] = df.measured_mb.to_numpy()
+    return table.rename(columns=lambda c: c.replace("FLOPs", flops_metric))
+
+
+def table1_comparison(df: pd.DataFrame) -> pd.DataFrame:
+    """Ours beside the paper's Table 1 (ImageNet split B): accuracy, MB and TFLOPs.
+
+    Parameters
+    ----------
+    df
+        Rows of :func:`finetune_rows`.
+
+    Returns
+    -------
+    DataFrame
+        ``ours on (split B)`` (our dataset), ``paper on`` (ImageNet split B), model,
+        method, layers, then per metric paper / ours / difference.
+    """
+    ours = pd.DataFrame(
+        {
+            "model": df.model.map(lambda m: PAPER_MODEL.get(m, m)),
+            "method": df.method.map(method_label),
+            "layers": df.layers,
+            "Acc": df.accuracy,
+            "MB": df.analytic_mb,
+            "TFLOPs": df.flops / 1e12,
+        }
+    )
+    keys = ["model", "method", "layers"]
+    table = paper_vs_ours(ours, paper_table(1), keys, ["Acc", "MB", "TFLOPs"])
+    table.insert(0, "ours on (split B)", df.dataset.to_numpy())
+    table.insert(1, "paper on", "ImageNet split B")
+    return table
+
+
+def fig3_rows(
+    params: Mapping[str, Any], records: Mapping[FinetuneConfig, Mapping[str, Any]]
+) -> pd.DataFrame:
+    """Fig. 3's points: LANCE accuracy and memory per eps and per N, with BP's.
+
+    Parameters
+    ----------
+    params
+        The notebook's parameters (as given to the ``fig3_ablation`` sweep).
+    records
+        ``{config: record}`` for every config of the sweep.
+
+    Returns
+    -------
+    DataFrame
+        ``sweep`` (``"eps"``, ``"num_batches"``), ``model, dataset, value, accuracy``
+        (%), ``memory_mb`` (analytic, Appendix C), ``bp_memory_mb, bp_accuracy`` and
+        ``results_file``.
+    """
+    rows = []
+    for point, cfg in fig3_points(params):
+        if point["value"] is None:
+            continue
+        r, bp = records[cfg], records[point.pop("reference")]
+        rows.append(
+            {
+                **point,
+                "accuracy": 100 * r["final_accuracy"],
+                "memory_mb": r["measurements"]["analytic_mb"],
+                "bp_memory_mb": bp["measurements"]["analytic_mb"],
+                "bp_accuracy": 100 * bp["final_accuracy"],
+                "results_file": Path(r["path"]).name if "path" in r else None,
+            }
+        )
+    return pd.DataFrame(rows)
