@@ -155,3 +155,42 @@ def test_paper_tables_shape_and_errors():
         paper_table(1, metrics=["BWT"])
     with pytest.raises(KeyError, match="selects 0"):
         paper_value(1, "Acc", model="VGG")
+
+
+def test_provenance_sidecar_explains_differences(tmp_path):
+    prov = Provenance("smoke", "cifar10_mini", "resnet18", seeds=[1, 0], weights={"resnet18": "ab"})
+    save_figure(plt.figure(), tmp_path / "f", provenance=prov)
+    meta = json.loads((tmp_path / "f.provenance.json").read_text())
+    assert meta["seeds"] == [0, 1] and meta["weights"] == {"resnet18": "ab"}
+    assert meta["versions"]["torch"] and meta["python"] and meta["cpu"]
+    assert meta["torch_threads"] >= 1 and "commit" in meta and "gpu" in meta
+    with pytest.raises(AttributeError):
+        prov.profile = "cpu"  # frozen: what produced a figure does not change afterwards
+
+
+def test_save_figure_shows_the_png_in_a_kernel_and_caps_the_width(tmp_path, monkeypatch):
+    from lance_lib.reporting import MAX_WIDTH, figures
+
+    shown = []
+    monkeypatch.setattr(figures, "in_notebook", lambda: True)
+    monkeypatch.setattr(figures, "show_png", shown.append)
+    fig = plt.figure(figsize=(3 * MAX_WIDTH, 3.0))
+    written = save_figure(fig, tmp_path / "wide")
+    assert shown == [tmp_path / "wide.png"]  # the file written is what the reader sees
+    assert fig.get_size_inches()[0] == pytest.approx(MAX_WIDTH)
+    assert fig.get_size_inches()[1] == pytest.approx(1.0)  # aspect kept
+    assert not plt.fignum_exists(fig.number)  # closed: the inline backend shows it once
+    assert repr(written) == f"saved to {tmp_path}: wide.png, wide.pdf"
+    save_figure(plt.figure(), tmp_path / "quiet", show=False)
+    assert len(shown) == 1
+
+
+def test_figure_size_and_method_table():
+    from lance_lib.methods import METHOD_TABLE
+    from lance_lib.reporting import METHOD_LABELS, figure_size, method_color, method_label
+
+    assert figure_size(1) < figure_size(2) and figure_size(10)[0] == figure_size(20)[0]
+    with pytest.raises(ValueError, match="ncols"):
+        figure_size(0)
+    assert method_label("lance") == METHOD_TABLE["lance"].label == METHOD_LABELS["lance"]
+    assert method_color("bp") == METHOD_TABLE["bp"].color

@@ -3,12 +3,17 @@
 Every figure of the project is drawn after :func:`use_style` and sized with
 :func:`figure_size`, so that the gallery's figures share one panel size and one font
 size, whatever the number of panels; :func:`lance_lib.reporting.save_figure` caps the
-width of figures sized by hand at :data:`MAX_WIDTH`.
+width of figures sized by hand at :data:`MAX_WIDTH`. Method labels and colours come from
+the one method table, :data:`lance_lib.methods.METHOD_TABLE` (:func:`method_label`,
+:func:`method_color` are re-exported here for plotting code).
 """
 
 from __future__ import annotations
 
 import seaborn as sns
+
+from lance_lib.methods.registry import METHOD_TABLE, method_color, method_label
+from lance_lib.validation import check_int
 
 __all__ = [
     "MAX_WIDTH",
@@ -28,40 +33,13 @@ PANEL_HEIGHT = 2.9
 #: The widest figure written (inches); wider ones are scaled down when saved.
 MAX_WIDTH = 11.0
 
-#: Display names of the methods, as the paper's tables write them.
-METHOD_LABELS: dict[str, str] = {
-    "bp": "BP",
-    "lance": "LANCE",
-    "hosvd": "HOSVD",
-    "asi": "ASI",
-    "loract": "LoRAct",
-    "checkpoint": "Checkpointing",
-}
+#: Display names of the methods, read from the one method table
+#: (:data:`lance_lib.methods.METHOD_TABLE`); prefer :func:`method_label`.
+METHOD_LABELS: dict[str, str] = {name: info.label for name, info in METHOD_TABLE.items()}
 
-#: One colour per method, the same in every figure (seaborn "colorblind" palette).
-METHOD_COLORS: dict[str, tuple[float, float, float]] = dict(
-    zip(METHOD_LABELS, sns.color_palette("colorblind", len(METHOD_LABELS)), strict=True)
-)
-
-
-def _method_key(method: str) -> str | None:
-    key = method.lower()
-    for name, label in METHOD_LABELS.items():
-        if key in (name, label.lower()):
-            return name
-    return None
-
-
-def method_color(method: str) -> tuple[float, float, float]:
-    """The colour of ``method`` (a name or its label), grey if unknown."""
-    key = _method_key(method)
-    return METHOD_COLORS[key] if key else (0.5, 0.5, 0.5)
-
-
-def method_label(method: str) -> str:
-    """The display name of ``method`` (``"lance"`` -> ``"LANCE"``), the name itself if unknown."""
-    key = _method_key(method)
-    return METHOD_LABELS[key] if key else method
+#: One colour per method, the same in every figure, from the method table; prefer
+#: :func:`method_color`.
+METHOD_COLORS: dict[str, str] = {name: info.color for name, info in METHOD_TABLE.items()}
 
 
 def figure_size(ncols: int = 1, nrows: int = 1) -> tuple[float, float]:
@@ -70,8 +48,8 @@ def figure_size(ncols: int = 1, nrows: int = 1) -> tuple[float, float]:
     Panels are :data:`PANEL_WIDTH` x :data:`PANEL_HEIGHT`; the width is capped at
     :data:`MAX_WIDTH` (panels then get narrower, fonts stay the same size).
     """
-    if ncols < 1 or nrows < 1:
-        raise ValueError(f"ncols and nrows must be >= 1, got ncols={ncols}, nrows={nrows}")
+    check_int("ncols", ncols, minimum=1)
+    check_int("nrows", nrows, minimum=1)
     return min(PANEL_WIDTH * ncols, MAX_WIDTH), PANEL_HEIGHT * nrows
 
 
