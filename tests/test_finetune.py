@@ -295,3 +295,14 @@ def test_cuda_run_records_peak_memory(tmp_path):
         result = finetune({**TINY, "device": "cuda"}, results_dir=tmp_path, progress=False)
     assert result["cuda_max_memory_allocated"] > 0
     assert result["provenance"]["device"] == "cuda" and result["provenance"]["gpu"]
+
+
+def test_every_profile_declares_the_runs_of_the_finetune_notebooks():
+    """The grid builds the sweeps from the profiles alone: every key they read is there."""
+    from lance_lib.experiments.sweeps import profile_experiments
+
+    for profile in ("smoke", "cpu", "paper"):
+        planned = profile_experiments(profile)
+        for notebook in ("table1_split", "table2_finetune", "fig3_ablation"):
+            assert planned[notebook], (profile, notebook)
+            assert all(isinstance(c, FinetuneConfig) for c in planned[notebook])
