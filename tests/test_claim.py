@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -80,3 +81,20 @@ def test_a_holder_whose_claim_was_broken_does_not_delete_the_new_one(tmp_path):
 def test_heartbeat_must_be_shorter_than_the_staleness(tmp_path):
     with pytest.raises(ValueError, match="stale_after must lie in"):
         try_claim(tmp_path / "x.claim", heartbeat=10, stale_after=5)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_a_killed_holder_not_yet_reaped_counts_as_dead(tmp_path):
+    path = tmp_path / "x.claim"
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{zombie.pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    with try_claim(path) as mine:
+        holder = dict(mine.holder)
+    write_json_atomic(path, {**holder, "pid": zombie.pid})
+    try:
+        assert claim_is_stale(path)  # os.kill(pid, 0) alone would call it alive
+    finally:
+        zombie.wait()

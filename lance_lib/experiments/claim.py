@@ -51,13 +51,18 @@ def _machine() -> str:
 
 
 def _process_exists(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, killed but not yet reaped, does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # exists, owned by someone else
+        pass
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):  # no /proc: trust kill()
         return True
-    return True
+    return state != "Z"
 
 
 def read_claim(path: str | os.PathLike) -> dict[str, Any] | None:

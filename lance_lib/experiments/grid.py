@@ -60,6 +60,7 @@ from lance_lib.experiments.cluster import dask_client
 from lance_lib.experiments.sweeps import profile_experiments, sweeps
 from lance_lib.io import ensure_writable
 from lance_lib.paths import results_dir
+from lance_lib.progress import PROGRESS_ENV, progress_bar
 from lance_lib.validation import check_int, check_real
 
 __all__ = [
@@ -95,7 +96,8 @@ class GridSettings:
     poll
         Seconds between two looks at a claim held by another process.
     progress
-        Show a tqdm bar over completed experiments.
+        Show a tqdm bar over completed experiments; ``None``: when someone watches
+        (:func:`lance_lib.progress.progress_enabled`).
     """
 
     workers: int | None = None
@@ -103,7 +105,7 @@ class GridSettings:
     threads: int = 1
     allowed_failures: int = 3
     poll: float = 1.0
-    progress: bool = True
+    progress: bool | None = None
 
     def __post_init__(self) -> None:
         check_int("workers", self.workers, minimum=1, allow_none=True)
@@ -291,6 +293,7 @@ def _run_in_process(
             path = compute(item.config, threads=settings.threads, poll=settings.poll)
         except Exception as error:  # reported with the others; the grid goes on
             failed.append((item.key, f"{type(error).__name__}: {error}"))
+            bar.write(f"FAILED {item.key}: {failed[-1][1]}")
         else:
             computed.append(str(path))
         bar.update()
@@ -306,7 +309,7 @@ def _run_on_cluster(
         compute,
         [item.config for item in planned],
         key=[item.key for item in planned],
-        environment=project_environment(),
+        environment={**project_environment(), PROGRESS_ENV: "0"},  # nobody watches a worker
         threads=settings.threads,
         poll=settings.poll,
     )
@@ -317,6 +320,7 @@ def _run_on_cluster(
         else:
             error = future.exception()
             failed.append((future.key, f"{type(error).__name__}: {error}"))
+            bar.write(f"FAILED {future.key}: {failed[-1][1]}")
         bar.update()
     return computed, failed
 
@@ -344,7 +348,9 @@ def run_grid(
     print(f"{len(planned)} experiments: {len(stored)} stored, {len(todo)} to compute")
     if not todo:
         return GridReport(stored, (), ())
-    bar = tqdm(total=len(todo), unit="experiment", desc="grid", disable=not settings.progress)
+    bar = progress_bar(
+        progress=settings.progress, total=len(todo), desc="grid", unit="experiment", leave=True
+    )
     with bar:
         if settings.workers is None and settings.scheduler is None:
             computed, failed = _run_in_process(todo, settings, bar)
@@ -417,8 +423,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(listing(planned))
         return 0
     report = run_grid(planned, settings)
-    for key, error in report.failed:
-        print(f"FAILED {key}: {error}", file=sys.stderr)
     print(f"computed {len(report.computed)}, failed {len(report.failed)}")
     return 1 if report.failed else 0
 
