@@ -15,8 +15,11 @@ NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
 EXECUTED := $(patsubst notebooks/%.ipynb,build/$(PROFILE)/%.ipynb,$(NOTEBOOKS))
 LIBRARY := $(wildcard lance_lib/*.py lance_lib/*/*.py lance_lib/resources/*.csv)
 FORCE_FLAG := $(if $(FORCE),--force,)
+# FORCE=1 also makes every executed notebook out of date (a phony prerequisite), so make
+# really calls the runner for each one instead of skipping the up-to-date ones.
+FORCE_RERUN := $(if $(FORCE),force-rerun,)
 
-.PHONY: all venv test figures grid lab bench lint format clean
+.PHONY: all venv test figures grid lab bench weights lint format clean force-rerun
 all: test
 
 # Idempotent set-up: re-installs only when pyproject.toml changes.
@@ -35,7 +38,7 @@ test: $(STAMP)
 # profile or the library changed (or FORCE=1).  Safe under make -j.
 # The runner skips a notebook whose fingerprint (cells, parameters, inputs, library) is
 # unchanged, and writes build/$(PROFILE)/<name>.d listing the extra inputs it declares.
-build/$(PROFILE)/%.ipynb: notebooks/%.ipynb profiles/$(PROFILE).yaml $(LIBRARY) $(STAMP)
+build/$(PROFILE)/%.ipynb: notebooks/%.ipynb profiles/$(PROFILE).yaml $(LIBRARY) $(STAMP) $(FORCE_RERUN)
 	$(PY) -m lance_lib.notebook_runner $< $@ --profile $(PROFILE) $(FORCE_FLAG)
 
 -include $(wildcard build/$(PROFILE)/*.d)
@@ -70,8 +73,16 @@ $(VENV)/.browser-installed: $(STAMP)
 check-lab: $(VENV)/.browser-installed
 	LANCE_CHECK_LAB=1 $(PY) -m pytest -rs -s tests/test_lab.py
 
+force-rerun:
+
+# Every benchmark section (python -m bench --help lists them) into bench/latest.json.
 bench: $(STAMP)
-	$(PY) bench/run.py --out bench/latest.json
+	$(PY) -m bench --out bench/latest.json
+
+# The reference backbones under data/weights/ (hours on a CPU; resumable): CIFAR-10 is
+# read from the data root, $$LANCE_DATA (default: the repository's data/).
+weights: $(STAMP)
+	$(PY) -m lance_lib.weights build resnet18 mcunet
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check lance_lib tests bench

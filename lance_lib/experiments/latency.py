@@ -26,13 +26,12 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
-from tqdm.auto import tqdm
-
 from lance_lib.experiments.base import register_experiment
 from lance_lib.experiments.probe import TailProbeConfig, TailRecord, run_cached, tail_inputs
 from lance_lib.experiments.setup import select_tail
 from lance_lib.experiments.sweeps import register_sweep
 from lance_lib.methods import METHODS, apply_method, measure_method, method_settings
+from lance_lib.progress import progress_bar
 from lance_lib.validation import check_choice, check_int
 
 __all__ = [
@@ -151,14 +150,16 @@ class LatencyRecord(TailRecord):
     )
 
 
-def _sweep(cfg: LatencyConfig, root: str | os.PathLike | None, progress: bool) -> dict[str, Any]:
+def _sweep(
+    cfg: LatencyConfig, root: str | os.PathLike | None, progress: bool | None
+) -> dict[str, Any]:
     """Measure every method for every layer count: the fields of a :class:`LatencyRecord`."""
     prep = cfg.prepare(max(cfg.layer_counts), root=root, progress=progress)
     images = cfg.probe_batches(prep, root=root)
     bag = cfg.method_options_for_all()
     rows = []
     steps = len(cfg.layer_counts) * len(cfg.methods)
-    with tqdm(total=steps, desc=f"latency {cfg.model}", disable=not progress) as bar:
+    with progress_bar(total=steps, desc=f"latency {cfg.model}", progress=progress) as bar:
         for n in cfg.layer_counts:
             names, prefix, tail, tail_layers = select_tail(prep.model, n)
             batch, *calibration = tail_inputs(prefix, images, prep.device)
@@ -190,7 +191,7 @@ def latency(
     *,
     results_dir: str | os.PathLike | None = None,
     root: str | os.PathLike | None = None,
-    progress: bool = False,
+    progress: bool | None = None,
     force: bool = False,
 ) -> dict[str, Any]:
     """Run (or reuse) one latency sweep; one cached record per setting.

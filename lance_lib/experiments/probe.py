@@ -37,6 +37,7 @@ from lance_lib.experiments.setup import (
 from lance_lib.hosvd import check_eps
 from lance_lib.models import MODEL_INFO
 from lance_lib.paths import results_dir as default_results_dir
+from lance_lib.progress import progress_enabled
 from lance_lib.validation import check_choice, check_int
 
 __all__ = [
@@ -136,7 +137,9 @@ class TailProbeConfig(ExperimentConfig):
         out["device"] = str(resolve_device(self.device))
         return out
 
-    def prepare(self, layers: int, *, root: str | os.PathLike | None, progress: bool) -> Prepared:
+    def prepare(
+        self, layers: int, *, root: str | os.PathLike | None, progress: bool | None
+    ) -> Prepared:
         """The network with its last ``layers`` convolutions trainable, on :attr:`device`."""
         return prepare_finetuning(
             self.model,
@@ -149,7 +152,7 @@ class TailProbeConfig(ExperimentConfig):
             seed=self.seed,
             root=root,
             device=self.device,
-            progress=progress,
+            progress=progress_enabled(progress),
         )
 
     def probe_batches(self, prep: Prepared, *, root: str | os.PathLike | None) -> list[Batch]:

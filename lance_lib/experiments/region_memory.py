@@ -22,7 +22,6 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from lance_lib.accounting import cuda_peak_bytes, region_memory_table
 from lance_lib.calibration import calibrate, canonical_modes
@@ -30,6 +29,7 @@ from lance_lib.experiments.base import register_experiment
 from lance_lib.experiments.probe import TailProbeConfig, TailRecord, run_cached, tail_inputs
 from lance_lib.experiments.sweeps import register_sweep
 from lance_lib.layers import compress, restore
+from lance_lib.progress import progress_bar
 from lance_lib.validation import check_int
 
 __all__ = [
@@ -142,7 +142,7 @@ def _gradients(model: nn.Module, step: Callable[[], None]) -> list[torch.Tensor]
 
 
 def _measure(
-    cfg: RegionMemoryConfig, root: str | os.PathLike | None, progress: bool
+    cfg: RegionMemoryConfig, root: str | os.PathLike | None, progress: bool | None
 ) -> dict[str, Any]:
     """Calibrate once, then measure BP, LANCE and lean LANCE on the same batch."""
     prep = cfg.prepare(cfg.layers, root=root, progress=progress)
@@ -157,7 +157,7 @@ def _measure(
         modes=cfg.modes,
     )
     step = _step(tail, batch)
-    with tqdm(total=3, desc=f"region memory {cfg.model}", disable=not progress) as bar:
+    with progress_bar(total=3, desc=f"region memory {cfg.model}", progress=progress) as bar:
         table = region_memory_table(
             tail, lambda: nn.functional.cross_entropy(tail(batch[0]), batch[1]), subspaces
         )
@@ -210,7 +210,7 @@ def region_memory(
     *,
     results_dir: str | os.PathLike | None = None,
     root: str | os.PathLike | None = None,
-    progress: bool = False,
+    progress: bool | None = None,
     force: bool = False,
 ) -> dict[str, Any]:
     """Run (or reuse) one region-memory measurement; one cached record per setting.
