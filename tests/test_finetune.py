@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -306,3 +307,18 @@ def test_every_profile_declares_the_runs_of_the_finetune_notebooks():
         for notebook in ("table1_split", "table2_finetune", "fig3_ablation"):
             assert planned[notebook], (profile, notebook)
             assert all(isinstance(c, FinetuneConfig) for c in planned[notebook])
+
+
+def test_the_grid_finds_the_record_a_reference_run_stored(reference_dir, tmp_path, monkeypatch):
+    from lance_lib.experiments.grid import find_record
+
+    write_reference(reference_dir, "mcunet")
+    monkeypatch.setenv("LANCE_RESULTS", str(tmp_path / "results"))
+    monkeypatch.setattr(finetune_mod, "_run", lambda cfg, root, progress: _fake_record())
+    cfg = FinetuneConfig(**{**TINY, "weights": "reference"})
+    assert find_record(cfg) is None
+    result = finetune(cfg)
+    assert find_record(cfg) == cfg.record_request()[0] == Path(result["path"])
+    write_reference(reference_dir, "mcunet", seed=1)  # rebuilt weights: the record is stale
+    with pytest.warns(CacheWarning, match="weights_sha256"):
+        assert find_record(cfg) is None

@@ -32,7 +32,7 @@ from torch import nn
 import lance_lib.experiments.finetune_sweeps  # noqa: F401  (registers the notebooks' sweeps)
 from lance_lib.data import LabeledSubset, class_subset, get_dataset, make_loader
 from lance_lib.experiments.base import register_experiment
-from lance_lib.experiments.cache import cached_record, record_path
+from lance_lib.experiments.cache import cached_record
 from lance_lib.experiments.finetune_config import FinetuneConfig, FinetuneRecord
 from lance_lib.experiments.loop import evaluate, train_epoch
 from lance_lib.experiments.prefix_cache import step_speedup
@@ -40,11 +40,9 @@ from lance_lib.experiments.setup import (
     Prepared,
     dataset_num_classes,
     prepare_finetuning,
-    reference_sha256,
     resolve_device,
 )
 from lance_lib.methods import MethodHandle, angle_to_bp, apply_method, measure_method
-from lance_lib.paths import results_dir as default_results_dir
 from lance_lib.progress import progress_bar, progress_enabled
 
 __all__ = ["FinetuneConfig", "FinetuneRecord", "finetune"]
@@ -300,22 +298,17 @@ def finetune(
     count.
     """
     cfg = FinetuneConfig.from_dict(config)
-    settings = cfg.settings()
-    path = record_path(
-        default_results_dir("finetune") if results_dir is None else results_dir,
-        f"{cfg.kind}-{cfg.model}-{cfg.method}",
-        settings,
-    )
-    weights = {}
-    if cfg.weights == "reference":
-        weights = {cfg.model: reference_sha256(cfg.model)}
-        settings = {**settings, "weights_sha256": weights[cfg.model]}
-    device = str(resolve_device(cfg.device))
+    path, settings, required = cfg.record_request(results_dir)
+    weights = {cfg.model: settings["weights_sha256"]} if "weights_sha256" in settings else {}
     return cached_record(
         path,
         settings,
         lambda: _run(cfg, root, progress_enabled(progress)),
-        required=FinetuneRecord.fields(),
+        required=required,
         force=force,
-        provenance_extra={"seeds": [cfg.seed], "weights": weights, "device": device},
+        provenance_extra={
+            "seeds": [cfg.seed],
+            "weights": weights,
+            "device": str(resolve_device(cfg.device)),
+        },
     )

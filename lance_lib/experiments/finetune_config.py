@@ -10,22 +10,27 @@ fix. :class:`FinetuneRecord` documents the fields of the record a run stores
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
 from lance_lib.data import DATASETS
 from lance_lib.experiments.base import ExperimentConfig
+from lance_lib.experiments.cache import record_path
 from lance_lib.experiments.setup import (
     check_classes,
     check_weights,
     dataset_num_classes,
     default_resolution,
+    reference_sha256,
 )
 from lance_lib.methods import METHODS, method_settings
 from lance_lib.models import MODEL_INFO
+from lance_lib.paths import results_dir as default_results_dir
 from lance_lib.validation import check_choice, check_int, check_real
 
 __all__ = ["FINETUNE_MODELS", "FinetuneConfig", "FinetuneRecord"]
@@ -195,6 +200,25 @@ class FinetuneConfig(ExperimentConfig):
         out["resolution"] = self.input_resolution
         out["method_settings"] = self.method_settings()
         return out
+
+    def record_request(
+        self, results_dir: str | os.PathLike | None = None
+    ) -> tuple[Path, dict[str, Any], tuple[str, ...]]:
+        """Where the record lives, the settings it must store, and its required fields.
+
+        The path is ``<results_dir>/finetune-<model>-<method>-<key>.json``
+        (:func:`lance_lib.paths.results_dir` ``("finetune")`` by default). With
+        reference weights the stored settings also hold the weight file's SHA-256, read
+        from the verified manifest (so this raises
+        :class:`lance_lib.weights.ReferenceWeightsError` for a missing or altered
+        file), and a record made from other weights does not answer the request.
+        """
+        settings = self.settings()
+        folder = default_results_dir(self.kind) if results_dir is None else Path(results_dir)
+        path = record_path(folder, f"{self.kind}-{self.model}-{self.method}", settings)
+        if self.weights == "reference":
+            settings["weights_sha256"] = reference_sha256(self.model)
+        return path, settings, FinetuneRecord.fields()
 
 
 @dataclass(frozen=True)
