@@ -341,6 +341,11 @@ def run_grid(
     -------
     GridReport
         What was skipped, computed and failed (failures do not stop the others).
+
+    Notes
+    -----
+    A local cluster's worker processes are spawned: a script that calls this with
+    ``workers`` must do so under ``if __name__ == "__main__":``.
     """
     settings = settings or GridSettings()
     todo = [item for item in planned if item.record is None]
