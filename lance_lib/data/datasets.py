@@ -9,6 +9,7 @@ of torchvision's classes that add what they lack.
 
 from __future__ import annotations
 
+import abc
 import functools
 import io
 import zipfile
@@ -29,6 +30,7 @@ __all__ = [
     "Flowers102TrainVal",
     "ImageFileDataset",
     "LabeledOxfordIIITPet",
+    "LabeledImages",
     "LabeledSVHN",
     "NotMNIST",
     "TensorImageDataset",
@@ -39,17 +41,47 @@ __all__ = [
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
-class TensorImageDataset(Dataset):
+class LabeledImages(Dataset, abc.ABC):
+    """Base of the image lists below: labels, class names, a transform, one loader per item.
+
+    Parameters
+    ----------
+    targets : Sequence[int]
+        Label of each image.
+    classes : Sequence[str]
+        Class names, indexed by label.
+    transform : callable, optional
+        Applied to each image as :meth:`image` returns it.
+    """
+
+    def __init__(
+        self, targets: Sequence[int], classes: Sequence[str], transform: Transform | None
+    ) -> None:
+        self.targets = list(targets)
+        self.classes = list(classes)
+        self.transform = transform
+
+    @abc.abstractmethod
+    def image(self, index: int) -> Any:
+        """The untransformed image ``index``."""
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        image = self.image(index)
+        return (self.transform(image) if self.transform else image), self.targets[index]
+
+
+class TensorImageDataset(LabeledImages):
     """Images held in memory as one ``uint8`` tensor ``(N, C, H, W)``.
 
     Parameters
     ----------
     images : torch.Tensor
         ``uint8`` images ``(N, C, H, W)``; shared, never modified.
-    targets : Sequence[int]
-        Label of each image.
-    classes : Sequence[str]
-        Class names, indexed by label.
+    targets, classes
+        As in :class:`LabeledImages`.
     transform : callable, optional
         Applied to each ``(C, H, W)`` image tensor.
     """
@@ -61,30 +93,23 @@ class TensorImageDataset(Dataset):
         classes: Sequence[str],
         transform: Transform | None = None,
     ) -> None:
+        super().__init__(targets, classes, transform)
         self.images = images
-        self.targets = list(targets)
-        self.classes = list(classes)
-        self.transform = transform
 
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        image = self.images[index]
-        return (self.transform(image) if self.transform else image), self.targets[index]
+    def image(self, index: int) -> torch.Tensor:
+        """The ``uint8`` image tensor ``(C, H, W)``."""
+        return self.images[index]
 
 
-class ImageFileDataset(Dataset):
+class ImageFileDataset(LabeledImages):
     """Images read lazily from files (as RGB with PIL), for datasets too large to cache.
 
     Parameters
     ----------
     paths : Sequence[pathlib.Path]
         One image file per sample.
-    targets : Sequence[int]
-        Label of each image.
-    classes : Sequence[str]
-        Class names, indexed by label.
+    targets, classes
+        As in :class:`LabeledImages`.
     transform : callable, optional
         Applied to each PIL image.
     """
@@ -96,18 +121,13 @@ class ImageFileDataset(Dataset):
         classes: Sequence[str],
         transform: Transform | None = None,
     ) -> None:
+        super().__init__(targets, classes, transform)
         self.paths = list(paths)
-        self.targets = list(targets)
-        self.classes = list(classes)
-        self.transform = transform
 
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, index: int) -> tuple[Any, int]:
+    def image(self, index: int) -> Image.Image:
+        """The file's image, converted to RGB."""
         with Image.open(self.paths[index]) as img:
-            image = img.convert("RGB")
-        return (self.transform(image) if self.transform else image), self.targets[index]
+            return img.convert("RGB")
 
 
 class NotMNIST(datasets.MNIST):

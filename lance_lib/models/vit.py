@@ -8,8 +8,8 @@ A of the embedded ``cifar10_mini`` in about a minute on two CPU cores.
 
 Every linear map of a block is an ``nn.Linear`` acting on the last mode of a
 ``(batch, tokens, features)`` activation, so LANCE (:mod:`lance_lib.layers`), LoRAct
-(:mod:`lance_lib.baselines.loract`) and the pre-norm trick
-(:mod:`lance_lib.baselines.loract_prenorm`) can swap them.  Each sub-layer's
+(:mod:`lance_lib.methods.loract`) and the pre-norm trick
+(:mod:`lance_lib.methods.loract_prenorm`) can swap them.  Each sub-layer's
 LayerNorm and the projection it feeds form one :class:`NormLinear` unit
 (``norm_qkv``: LayerNorm + fused query/key/value projection; ``norm_fc1``: LayerNorm
 + first MLP layer), the unit the pre-norm trick replaces as a whole.  Module names of
@@ -89,7 +89,7 @@ class NormLinear(nn.Module):
     """The input of a pre-norm sub-layer: a LayerNorm and the projection it feeds.
 
     ``linear(norm(x))``.  Kept as one unit so that LoRAct's pre-norm trick
-    (:class:`lance_lib.baselines.LoRActPreNorm`) can replace both at once.
+    (:class:`lance_lib.methods.loract_prenorm.LoRActPreNormLinear`) can replace both at once.
     """
 
     def __init__(self, dim: int, out_features: int) -> None:
