@@ -30,12 +30,18 @@ from torch import nn
 from .hosvd import ModeCovariance, check_eps, leading_subspace
 
 __all__ = [
+    "MODE_NAMES",
     "LayerSubspace",
+    "Modes",
     "Subspaces",
     "calibrate",
+    "canonical_modes",
+    "check_modes",
     "collect_covariances",
     "feature_mode",
+    "modes_jsonable",
     "resolve_layers",
+    "resolve_modes",
 ]
 
 COMPRESSIBLE = (nn.Conv2d, nn.Linear)
@@ -189,20 +195,106 @@ def _default_forward(model: nn.Module, batch: Any) -> Any:
     return model(x.to(device))
 
 
-Modes = Sequence[int] | Mapping[str, Sequence[int]] | str | None
+Modes = Sequence[int] | Mapping[str, Any] | str | None
+
+#: The named mode selections: ``"all"`` (Eq. 1 as written, every mode), ``"no_batch"``
+#: (every mode but the batch mode) and ``"channel"`` (only the mode the weights act on:
+#: the channels of a Conv2d input, the last mode of a Linear input; Theorem 1's scope).
+MODE_NAMES = ("all", "no_batch", "channel")
 
 
-def _normalise_modes(modes: Modes, ndim: int, name: str) -> list[int]:
+def check_modes(modes: Modes, layers: Sequence[str]) -> None:
+    """Validate ``modes`` once, before any batch runs, for the layers ``layers``.
+
+    Raises
+    ------
+    ValueError
+        A string that is not one of :data:`MODE_NAMES`, or a per-layer mapping that
+        leaves out one of ``layers`` (it would otherwise compress that layer's every
+        mode, the batch mode included, without saying so).
+    TypeError
+        ``modes`` is neither ``None``, a string, a sequence of indices nor a mapping.
+    """
     if isinstance(modes, Mapping):
-        modes = modes.get(name)
+        missing = [name for name in layers if name not in modes]
+        if missing:
+            raise ValueError(
+                f"the modes mapping has no entry for layers {missing}; give every "
+                f"calibrated layer its modes, e.g. {{{missing[0]!r}: 'channel'}}, or pass "
+                "one setting for all layers (modes='channel', 'no_batch' or 'all')"
+            )
+        for value in modes.values():
+            check_modes(value, ())
+        return
+    if modes is None:
+        return
+    if isinstance(modes, str):
+        if modes not in MODE_NAMES:
+            raise ValueError(
+                f"modes={modes!r} is not a mode selection; use one of {MODE_NAMES}, "
+                "mode indices or a per-layer mapping"
+            )
+        return
+    if not isinstance(modes, Sequence) or not all(
+        isinstance(m, int) and not isinstance(m, bool) for m in modes
+    ):
+        raise TypeError(
+            f"modes must be None, one of {MODE_NAMES}, a sequence of mode indices or a "
+            f"per-layer mapping; got {modes!r}"
+        )
+
+
+def canonical_modes(modes: Modes) -> Any:
+    """``modes`` checked and in one spelling: ``None`` -> ``"all"``, indices -> a tuple.
+
+    Settings dataclasses store this form, so equal selections give equal results keys.
+    """
+    check_modes(modes, ())
+    if modes is None:
+        return "all"
+    if isinstance(modes, str):
+        return modes
+    if isinstance(modes, Mapping):
+        return {str(k): canonical_modes(v) for k, v in modes.items()}
+    return tuple(int(m) for m in modes)
+
+
+def modes_jsonable(modes: Modes) -> Any:
+    """``modes`` as JSON-ready values (strings and ``None`` as they are, indices as lists)."""
+    if modes is None or isinstance(modes, str):
+        return modes
+    if isinstance(modes, Mapping):
+        return {str(k): modes_jsonable(v) for k, v in modes.items()}
+    return [int(m) for m in modes]
+
+
+def resolve_modes(modes: Modes, ndim: int, name: str, feature: int) -> list[int]:
+    """Sorted indices of the modes to compress in one layer's ``ndim``-mode input.
+
+    Parameters
+    ----------
+    modes
+        ``None`` / ``"all"`` (every mode), ``"no_batch"`` (every mode but 0),
+        ``"channel"`` (``[feature]`` only), indices (negative allowed) or a mapping
+        from layer name to any of these.
+    ndim
+        Number of modes of the layer's input.
+    name
+        The layer's name (for the mapping and for messages).
+    feature
+        The mode the layer's weights act on (:func:`feature_mode`).
+    """
+    if isinstance(modes, Mapping):
+        if name not in modes:
+            check_modes(modes, [name])
+        modes = modes[name]
+    check_modes(modes, ())
     if modes is None or modes == "all":
         return list(range(ndim))
     if modes == "no_batch":
         return list(range(1, ndim))
-    if isinstance(modes, str):
-        raise ValueError(
-            f"modes must be indices, a per-layer mapping, 'all' or 'no_batch'; got {modes!r}"
-        )
+    if modes == "channel":
+        return [feature % ndim]
     out = []
     for m in modes:
         if not -ndim <= m < ndim:
@@ -245,6 +337,7 @@ def collect_covariances(
     if int(num_batches) < 1:
         raise ValueError(f"num_batches must be at least 1, got {num_batches}")
     targets = resolve_layers(model, layers)
+    check_modes(modes, list(targets))
     forward = forward or _default_forward
     covs: dict[str, list[ModeCovariance | None]] = {}
     shapes: dict[str, tuple[int, ...]] = {}
@@ -259,7 +352,7 @@ def collect_covariances(
                     f"{batch_index}; check the input data and the model's weights"
                 )
             if name not in covs:
-                chosen = _normalise_modes(modes, x.ndim, name)
+                chosen = resolve_modes(modes, x.ndim, name, feature_mode(module, x.ndim))
                 covs[name] = [
                     ModeCovariance(x.shape[i]) if i in chosen else None for i in range(x.ndim)
                 ]
@@ -349,10 +442,13 @@ def calibrate(
         ``N``, the number of calibration batches (Table 4: 100); at least 1.
     modes
         Input modes to compress: indices (negative allowed), e.g. ``(0, 1, 2, 3)`` for
-        ``(B, C, H, W)``; a mapping from layer name to indices; ``"all"``; or
-        ``"no_batch"`` (every mode but the batch mode, so that any batch size can be
-        trained).  Default ``None`` = every mode, the batch mode included, as Eq. (1)
-        is written.
+        ``(B, C, H, W)``; ``"all"``; ``"no_batch"`` (every mode but the batch mode, so
+        that any batch size can be trained); ``"channel"`` (only the mode the weights
+        act on: the weight gradient is then the full gradient times a projector, the
+        case Theorem 1 covers, see :mod:`lance_lib.layers`); or a mapping from every
+        layer name to one of these (a layer left out raises).  Default ``None`` =
+        every mode, the batch mode included, as Eq. (1) is written; the fine-tuning
+        harness (:func:`lance_lib.methods.apply_method`) defaults to ``"channel"``.
     memory
         Continual learning (Sec. 2.3): per layer, an orthonormal memory ``M`` of
         feature-mode directions of earlier tasks.  The feature mode (channels for
@@ -407,13 +503,7 @@ def calibrate(
     settings = {
         "eps": eps,
         "num_batches": int(num_batches),
-        "modes": modes
-        if modes is None or isinstance(modes, str)
-        else (
-            {k: [int(m) for m in v] for k, v in modes.items()}
-            if isinstance(modes, Mapping)
-            else [int(m) for m in modes]
-        ),
+        "modes": modes_jsonable(modes),
         "memory_rule": memory_rule if memory is not None else None,
     }
     return Subspaces(result, settings)

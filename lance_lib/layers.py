@@ -7,11 +7,32 @@ pass
 
 * the input gradient is exact: it needs only the weights;
 * the weight gradient is that of the reconstructed input
-  ``X_tilde = G x_1 U_1 ... x_d U_d`` (Eq. 4), which by Theorem 1 equals the full
-  gradient right-multiplied by the projector ``P``.  It is computed in the compressed
-  space wherever that saves work (see :func:`conv2d_weight_from_core` and
-  :func:`linear_weight_from_core`);
+  ``X_tilde = G x_1 U_1 ... x_d U_d`` (Eq. 4), exactly, whichever modes are
+  compressed.  It is computed in the compressed space wherever that saves work (see
+  :func:`conv2d_weight_from_core` and :func:`linear_weight_from_core`);
 * the bias gradient is exact.
+
+Theorem 1 and its scope
+-----------------------
+Theorem 1 of LANCE states that the weight gradient from the core is the full gradient
+right-multiplied by a projector, ``dW_tilde = dW P``, so that
+``<dW_tilde, dW> = ||dW P||^2 >= 0``: the compressed gradient never points away from
+the full one.  That holds exactly when **only the feature mode** (the channels of a
+Conv2d input, the last mode of a Linear input: the mode the weights act on) is
+projected: then ``X_tilde = X x_d (U_d U_d^T)`` and, the weight acting on that mode,
+``dW_tilde = dW (U_d U_d^T)`` (per kernel position for a convolution).
+
+When the batch mode or a spatial / token mode is projected as well (Eq. 1 as written
+projects every mode), ``dW_tilde`` is still exactly the gradient of the projected
+input, but the projection now mixes samples or positions *before* they meet the
+output gradient: ``dW_tilde = sum_{b,b'} (U_B U_B^T)[b, b'] delta_b^T x_b'`` is not
+``dW`` times a projector, and ``<dW_tilde, dW>`` can be negative: for a Linear layer
+on ``16 x 10`` inputs with fixed (calibrated) factors of batch rank 2 and feature
+rank 5, about one random batch in ten gives a negative cosine to the full gradient,
+while with the feature factor alone the cosine is never negative
+(``tests/test_layers.py::test_theorem1_*``).  This is why the fine-tuning harness
+compresses the channel mode only by default (``modes="channel"``) and keeps
+``"all"`` (Eq. 1 as written) and ``"no_batch"`` as options.
 
 :func:`compress` swaps chosen modules for their LANCE versions in place;
 :func:`restore` (or the :func:`compressed` context manager) puts the originals back.
@@ -44,6 +65,7 @@ __all__ = [
     "lance_linear",
     "linear_weight_from_core",
     "restore",
+    "set_submodule",
 ]
 
 Factors = Sequence[torch.Tensor | None]
@@ -340,7 +362,13 @@ class LanceLinear(_LanceMixin, nn.Linear):
         return _LanceLinearFunction.apply(x, self.weight, self.bias, tuple(self.factors))
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at the dotted path ``name`` of ``model`` (in place).
+
+    ``name`` is as in ``model.named_modules()``; its parent must exist.  Unlike
+    ``nn.Module.set_submodule`` of older PyTorch releases, the target may be a module
+    of another type (a LANCE layer for a Conv2d, a lean companion for a ReLU).
+    """
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
@@ -370,7 +398,7 @@ def compress(model: nn.Module, subspaces: Subspaces, lean: bool = False) -> nn.M
                 f"layer {name!r} is a {type(original).__name__}, calibrated as {sub.kind}"
             )
         cls = LanceConv2d if sub.kind == "conv2d" else LanceLinear
-        _set_submodule(model, name, cls(original, sub, name))
+        set_submodule(model, name, cls(original, sub, name))
     if lean:
         lean_module.make_lean(model)
     else:
@@ -386,7 +414,7 @@ def restore(model: nn.Module) -> nn.Module:
         if isinstance(module, (LanceConv2d, LanceLinear)):
             original = module._original
             original.train(module.training)
-            _set_submodule(model, name, original)
+            set_submodule(model, name, original)
     lean_module.undo_lean(model)
     return model
 

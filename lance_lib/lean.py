@@ -44,8 +44,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .calibration import LayerSubspace, Subspaces, _normalise_modes
+from .calibration import LayerSubspace, Subspaces, check_modes, modes_jsonable, resolve_modes
 from .hosvd import ModeCovariance, check_eps, leading_subspace, project, reconstruct
+from .layers import set_submodule
 
 __all__ = [
     "LeanBatchNorm2d",
@@ -416,6 +417,7 @@ def calibrate_batchnorm(
         m = modules.get(name)
         if not isinstance(m, nn.BatchNorm2d) or m.running_mean is None:
             raise KeyError(f"{name!r} is not a BatchNorm2d with running statistics")
+    check_modes(modes, names)
     covs: dict[str, list[ModeCovariance | None]] = {}
     shapes: dict[str, tuple[int, ...]] = {}
 
@@ -426,7 +428,7 @@ def calibrate_batchnorm(
                 torch.rsqrt(m.running_var + m.eps), x.ndim
             )
             if name not in covs:
-                chosen = _normalise_modes(modes, x.ndim, name)
+                chosen = resolve_modes(modes, x.ndim, name, feature=1)
                 covs[name] = [
                     ModeCovariance(n) if i in chosen else None for i, n in enumerate(x.shape)
                 ]
@@ -470,7 +472,8 @@ def calibrate_batchnorm(
             ranks.append(sub.rank)
             energy.append(sub.energy)
         result[name] = LayerSubspace(factors, ranks, energy, shape, "batchnorm2d")
-    return Subspaces(result, {"eps": eps, "num_batches": int(num_batches), "modes": modes})
+    settings = {"eps": eps, "num_batches": int(num_batches), "modes": modes_jsonable(modes)}
+    return Subspaces(result, settings)
 
 
 # --------------------------------------------------------------------------------------
@@ -483,12 +486,6 @@ _LEAN_TYPES = (LeanReLU, LeanReLU6, LeanDropout, LeanBatchNorm2d)
 def is_lean(module: nn.Module) -> bool:
     """Whether ``module`` is one of the lean replacements of this module."""
     return isinstance(module, _LEAN_TYPES)
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
 
 
 def _in_region(name: str, region: list[str] | None) -> bool:
@@ -545,7 +542,7 @@ def make_lean(
         if not name or not _in_region(name, names):
             continue
         if id(m) in done:
-            _set_submodule(model, name, done[id(m)])
+            set_submodule(model, name, done[id(m)])
             continue
         if type(m) is nn.ReLU:
             new: nn.Module = LeanReLU(m)
@@ -558,7 +555,7 @@ def make_lean(
         else:
             continue
         done[id(m)] = new
-        _set_submodule(model, name, new)
+        set_submodule(model, name, new)
     return model
 
 
@@ -568,5 +565,5 @@ def undo_lean(model: nn.Module) -> nn.Module:
         if name and is_lean(m):
             original = m._original
             original.train(m.training)
-            _set_submodule(model, name, original)
+            set_submodule(model, name, original)
     return model

@@ -6,9 +6,15 @@ import pytest
 import torch
 from torch import nn
 
-from lance_lib.baselines import AsiConv2d, subspace_iteration_step
 from lance_lib.data import get_dataset
-from lance_lib.methods import METHODS, angle_to_bp, apply_method, measure_method
+from lance_lib.methods import (
+    METHODS,
+    AsiConv2d,
+    angle_to_bp,
+    apply_method,
+    measure_method,
+    subspace_iteration_step,
+)
 
 LAYERS = ["0", "2", "6"]  # two convs (one strided) and the classifier
 
@@ -68,10 +74,10 @@ def test_low_rank_methods_approximate_and_store_less(method, batch):
     angle = angle_to_bp(handle, batch, [model[0].weight, model[2].weight])
     assert 0.01 < angle < 90.0
     m = measure_method(handle, batch, repeats=1, warmup=0)
-    assert m["analytic_mb"] < m["analytic_bp_mb"]
+    assert m.analytic_mb < m.analytic_bp_mb
     bp = measure_method(apply_method(small_cnn(), "bp", LAYERS), batch, repeats=1, warmup=0)
-    assert m["measured_layer_bytes"] < bp["measured_layer_bytes"]
-    assert m["flops_measured"] > 0 and len(m["step_s"]) == 1
+    assert m.measured_layer_bytes < bp.measured_layer_bytes
+    assert m.flops_measured > 0 and len(m.step_s) == 1
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -97,7 +103,7 @@ def test_each_method_lowers_the_loss(method, batch):
 def test_asi_warm_start_keeps_ranks_and_orthonormal_factors(batch):
     x, _ = batch
     conv = small_cnn()[0]
-    layer = AsiConv2d(conv, "conv", eps=0.7)
+    layer = AsiConv2d(conv, "conv", eps=0.7, first_step="hosvd")
     layer(x).sum().backward()
     ranks = list(layer.ranks)
     first = [u.clone() for u in layer.factors]
@@ -120,3 +126,60 @@ def test_bad_input_gives_clear_errors():
         apply_method(small_cnn(), "loract", LAYERS, rank_ratio=0.0)
     with pytest.raises(KeyError):
         apply_method(small_cnn(), "hosvd", ["nope"])
+
+
+def test_asi_first_step_follows_the_reference_random_range_finder(batch):
+    """Default step 1: QR(X_i Omega) with a seeded Gaussian Omega, not the exact subspace."""
+    x, _ = batch
+    conv = small_cnn()[0]
+    random_start = AsiConv2d(conv, "conv", eps=0.7)
+    exact_start = AsiConv2d(conv, "conv", eps=0.7, first_step="hosvd")
+    for layer in (random_start, exact_start):
+        layer(x).sum().backward()
+    assert random_start.first_step == "random" and random_start.ranks == exact_start.ranks
+    u_random, u_exact = random_start.factors[1], exact_start.factors[1]
+    assert not torch.allclose(u_random @ u_random.T, u_exact @ u_exact.T, atol=1e-3)
+    again = AsiConv2d(conv, "conv", eps=0.7)
+    again(x).sum().backward()
+    torch.testing.assert_close(again.factors[1], u_random)  # seeded: reproducible
+
+
+def tail_net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 3),
+    )
+
+
+def test_checkpoint_memory_is_measured_per_segment(batch):
+    """Stored = segment inputs; peak = stored + the largest segment's recomputation."""
+    layers = ["0", "2", "4", "8"]
+    bp = measure_method(apply_method(tail_net(), "bp", layers), batch, repeats=1, warmup=0)
+    out = {}
+    for segments in (1, 3):
+        model = tail_net()
+        handle = apply_method(model, "checkpoint", layers, region="whole", segments=segments)
+        assert len(handle.model.pieces) == segments
+        out[segments] = measure_method(handle, batch, repeats=1, warmup=0)
+        handle.restore()
+    one, three = out[1], out[3]
+    # one segment: the recomputation saves what BP saves inside the region; the loss's
+    # tensors and the region's input are kept between the passes
+    inputs = batch[0].untyped_storage().nbytes()
+    loss = one.stored_between_passes_bytes - inputs
+    assert one.recompute_bytes + loss == bp.measured_region_bytes
+    assert one.measured_region_bytes == one.recompute_bytes + inputs
+    # three segments: three inputs kept, a third of the region rebuilt at a time
+    assert three.stored_between_passes_bytes > one.stored_between_passes_bytes
+    assert three.recompute_bytes < one.recompute_bytes
+    assert three.measured_region_bytes < one.measured_region_bytes
+    with pytest.raises(ValueError, match="segments=20 exceeds"):
+        apply_method(tail_net(), "checkpoint", layers, region="whole", segments=20)

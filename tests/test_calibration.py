@@ -106,8 +106,33 @@ def test_modes_selects_compressed_modes(net):
     assert s.modes == [1, 3]
 
 
+def test_channel_mode_compresses_only_the_mode_the_weights_act_on(net):
+    subs = calibrate(net, loader(), ["conv2", "fc"], num_batches=2, modes="channel")
+    assert subs["conv2"].modes == [1] and subs["fc"].modes == [1]
+    assert subs["conv2"].ranks[0] == 6 and subs["conv2"].ranks[2:] == [8, 8]
+    assert subs.settings["modes"] == "channel"
+
+
+def test_modes_mapping_that_leaves_out_a_layer_raises_before_any_batch(net):
+    """A layer missing from the mapping used to be compressed in every mode, silently."""
+    ran = []
+
+    def forward(model: nn.Module, batch: tuple) -> torch.Tensor:
+        ran.append(1)
+        return model(batch[0])
+
+    with pytest.raises(ValueError, match=r"no entry for layers \['fc'\].*'fc': 'channel'"):
+        calibrate(
+            net, loader(), ["conv2", "fc"], num_batches=2, modes={"conv2": (1,)}, forward=forward
+        )
+    assert ran == []
+    with pytest.raises(ValueError, match="not a mode selection"):
+        calibrate(net, loader(), ["conv2"], num_batches=2, modes="channels")
+
+
 def test_save_and_load_round_trip(net, tmp_path):
-    subs = calibrate(net, loader(), ["conv2", "fc"], num_batches=2, modes={"conv2": (1, 2, 3)})
+    modes = {"conv2": (1, 2, 3), "fc": "all"}
+    subs = calibrate(net, loader(), ["conv2", "fc"], num_batches=2, modes=modes)
     path = tmp_path / "sub" / "subspaces.pt"
     subs.save(path)
     back = Subspaces.load(path)

@@ -11,7 +11,7 @@ from torch import nn
 from lance_lib import LanceConv2d, LanceLinear, calibrate, compress, compressed, restore
 from lance_lib.accounting import measure_saved_tensors
 from lance_lib.hosvd import project, reconstruct
-from lance_lib.layers import lance_conv2d, lance_linear
+from lance_lib.layers import lance_conv2d, lance_linear, set_submodule
 
 from .conftest import random_orthonormal
 
@@ -21,7 +21,11 @@ CONV_CASES = {
     "depthwise": dict(c=6, o=6, groups=6, stride=1, padding=1, dilation=1, k=3),
     "grouped": dict(c=6, o=9, groups=3, stride=1, padding=0, dilation=1, k=3),
     "pointwise": dict(c=6, o=7, groups=1, stride=1, padding=0, dilation=1, k=1),
+    # r_C = 2 < C / groups = 4: the weight gradient is taken with r_C channels and
+    # expanded per group at the end
+    "grouped-compressed-channels": dict(c=12, o=6, groups=3, stride=1, padding=1, dilation=1, k=3),
 }
+RANKS = (3, 2, 5, 4)
 
 
 @pytest.mark.parametrize("case", list(CONV_CASES))
@@ -39,9 +43,9 @@ def test_theorem1_conv_weight_gradient_is_gradient_of_projected_input(case, gen)
         requires_grad=True,
     )
     bias = torch.randn(p["o"], dtype=torch.float64, generator=gen, requires_grad=True)
-    factors = [
-        random_orthonormal(n, r, gen) for n, r in zip((b, p["c"], h, w), (3, 2, 5, 4), strict=True)
-    ]
+    factors = [random_orthonormal(n, r, gen) for n, r in zip((b, p["c"], h, w), RANKS, strict=True)]
+    if case == "grouped-compressed-channels":
+        assert p["groups"] > 1 and RANKS[1] < p["c"] // p["groups"]
     conf = dict(
         stride=p["stride"], padding=p["padding"], dilation=p["dilation"], groups=p["groups"]
     )
@@ -96,6 +100,52 @@ def test_theorem1_projected_gradient_is_right_projection_of_full_gradient(gen):
     torch.testing.assert_close(weight.grad, full @ u @ u.T)
     assert (weight.grad * full).sum() >= 0
     torch.testing.assert_close((weight.grad * full).sum(), weight.grad.norm() ** 2)
+
+
+def _cosines_to_full_gradient(compress_batch: bool, seeds: int = 200) -> list[float]:
+    """Cosine between LANCE's and the full weight gradient of a Linear on 16 x 10 inputs.
+
+    Fixed factors (as calibration gives: not fitted to the batch at hand) of batch
+    rank 2 and feature rank 5; a fresh batch, weight and output gradient per seed.
+    """
+    out = []
+    for seed in range(seeds):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(16, 10, dtype=torch.float64, generator=g)
+        weight = torch.randn(4, 10, dtype=torch.float64, generator=g, requires_grad=True)
+        delta = torch.randn(16, 4, dtype=torch.float64, generator=g)
+        u_batch, u_feature = random_orthonormal(16, 2, g), random_orthonormal(10, 5, g)
+        lance_linear(x, weight, None, [u_batch if compress_batch else None, u_feature]).backward(
+            delta
+        )
+        full = delta.T @ x
+        out.append(float((weight.grad * full).sum() / (weight.grad.norm() * full.norm())))
+    return out
+
+
+def test_theorem1_fails_when_the_batch_mode_is_compressed():
+    """Batch rank 2 + feature rank 5: still the gradient of the projected input, but it
+    can point away from the full gradient (Theorem 1 does not cover this case)."""
+    cosines = _cosines_to_full_gradient(compress_batch=True)
+    assert sum(c < 0 for c in cosines) >= 5
+    assert min(cosines) < -0.1
+
+
+def test_theorem1_feature_mode_alone_never_points_away():
+    """Feature rank 5 only: dW_tilde = dW P, so <dW_tilde, dW> = |dW P|^2 >= 0 (200 seeds)."""
+    cosines = _cosines_to_full_gradient(compress_batch=False)
+    assert min(cosines) > 0.0
+
+
+def test_set_submodule_replaces_nested_and_top_level_modules():
+    model = nn.Sequential(nn.Sequential(nn.Linear(2, 2)), nn.ReLU())
+    new = nn.Identity()
+    set_submodule(model, "0.0", new)
+    assert model[0][0] is new
+    set_submodule(model, "1", nn.Tanh())
+    assert isinstance(model[1], nn.Tanh)
+    with pytest.raises(AttributeError):
+        set_submodule(model, "nope.child", new)
 
 
 class Tail(nn.Module):

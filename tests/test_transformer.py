@@ -8,13 +8,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from lance_lib.accounting import measure_saved_tensors
-from lance_lib.baselines import LoRActPreNorm, layer_norm_backward, prenorm_linear
 from lance_lib.calibration import calibrate
 from lance_lib.data import get_dataset
 from lance_lib.layers import compress
+from lance_lib.methods import method_label
+from lance_lib.methods.blocks import BLOCK_METHODS, apply_block_method, measure_block_method
+from lance_lib.methods.loract_prenorm import (
+    LoRActPreNormBlock,
+    LoRActPreNormLinear,
+    layer_norm_backward,
+    prenorm_linear,
+)
 from lance_lib.models import build_model, classifier_name, last_n_layers, replace_classifier
 from lance_lib.models.vit import NormLinear, VisionTransformer, block_linear_names, split_blocks
-from lance_lib.transformer import apply_block_method, measure_block_method, method_label
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -66,7 +72,7 @@ def test_vit_registered_and_splits(batch):
         model(torch.randn(1, 3, 16, 16))
 
 
-@pytest.mark.parametrize("method", ["lance", "loract", "loract_prenorm"])
+@pytest.mark.parametrize("method", ["lance", "loract", "loract_prenorm", "loract_prenorm_linear"])
 def test_full_rank_reproduces_bp_gradients(method, batch):
     x, y = batch[0].double(), batch[1]
     reference = grads(small_vit(dtype=torch.float64), x, y)
@@ -84,12 +90,14 @@ def test_full_rank_reproduces_bp_gradients(method, batch):
         == {
             "lance": {"LanceLinear"},
             "loract": {"LoRActLinear"},
-            "loract_prenorm": {"LoRActPreNorm", "LoRActLinear"},
+            "loract_prenorm": {"LoRActPreNormBlock"},
+            "loract_prenorm_linear": {"LoRActPreNormLinear", "LoRActLinear"},
         }[method]
     )
     bm.restore()
     assert all(type(model.get_submodule(n)) is nn.Linear for n in block_linear_names(model))
     assert all(isinstance(model.blocks[i].norm_qkv, NormLinear) for i in range(2))
+    assert all(type(model.blocks[i]).__name__ == "Block" for i in range(2))
 
 
 @pytest.mark.parametrize("affine", [True, False])
@@ -125,7 +133,7 @@ def test_prenorm_keeps_one_sketch_and_the_inverse_std(gen):
     unit = NormLinear(16, 48)
     x = torch.randn(4, 10, 16, generator=gen)
     bp = measure_saved_tensors(unit, lambda: unit(x).sum())
-    trick = LoRActPreNorm(unit.norm, unit.linear, "unit", rank_ratio=0.25)
+    trick = LoRActPreNormLinear(unit.norm, unit.linear, "unit", rank_ratio=0.25)
     saved = measure_saved_tensors(trick, lambda: trick(x).sum())
     rows, k = 40, 4
     assert trick.rank == k and trick.stored_elements() == rows * k + 16 * k + rows
@@ -159,7 +167,7 @@ def test_lance_linear_on_tokens(modes, shapes, gen):
             model(torch.randn(3, 4, 12))
 
 
-@pytest.mark.parametrize("method", ["lance", "loract", "loract_prenorm"])
+@pytest.mark.parametrize("method", ["lance", "loract", "loract_prenorm", "loract_prenorm_linear"])
 def test_training_steps_lower_the_loss(method, batch):
     x, y = batch
     model = small_vit()
@@ -186,15 +194,42 @@ def test_measured_memory_orders_the_methods(batch):
     tail.requires_grad_(True)
     h = prefix(x)
     out = {}
-    for method in ("bp", "lance", "loract", "loract_prenorm"):
+    for method in BLOCK_METHODS:
         bm = apply_block_method(tail, method, calib_loader=[(h, y)], num_batches=1, rank_ratio=0.25)
         out[method] = measure_block_method(bm, (h, y), repeats=1, warmup=0)
         bm.restore()
     bp = out["bp"]
-    assert bp["factor_bytes"] == 0 and out["lance"]["factor_bytes"] > 0
-    for method in ("lance", "loract", "loract_prenorm"):
-        assert out[method]["layer_bytes"] < bp["layer_bytes"]
-        assert out[method]["region_bytes"] < bp["region_bytes"]
+    assert bp.factor_bytes == 0 and out["lance"].factor_bytes > 0
+    for method in BLOCK_METHODS[1:]:
+        assert out[method].layer_bytes < bp.layer_bytes
+        assert out[method].block_bytes < bp.block_bytes
+        assert out[method].region_bytes < bp.region_bytes
     # one shared sketch instead of the LayerNorm's input and a sketch of its output
-    assert out["loract_prenorm"]["region_bytes"] < out["loract"]["region_bytes"]
+    assert out["loract_prenorm_linear"].block_bytes < out["loract"].block_bytes
+    # the pre-norm mode keeps only the two sketched norm outputs between the passes,
+    # and recomputes one sub-layer at a time during backward
+    assert out["loract_prenorm"].block_bytes < out["loract_prenorm_linear"].block_bytes
+    assert out["loract_prenorm"].recompute_bytes > 0
+    assert all(out[m].recompute_bytes == 0 for m in BLOCK_METHODS if m != "loract_prenorm")
+    assert out["loract_prenorm"].peak_bytes < bp.peak_bytes
     assert method_label("loract_prenorm", 0.125) == "LoRAct pre-norm r=1/8"
+
+
+def test_prenorm_mode_keeps_two_sketches_per_block_and_measures_the_recompute(batch):
+    """Between the passes the block keeps 2 (L k + k D + L) elements, nothing else."""
+    x, y = batch
+    model = small_vit()
+    model.requires_grad_(False)
+    prefix, tail = split_blocks(model, 1)
+    tail.requires_grad_(True)
+    h = prefix(x)  # (8, 16, 32): L = 128 rows, D = 32
+    bm = apply_block_method(tail, "loract_prenorm", rank_ratio=0.25)
+    m = measure_block_method(bm, (h, y), repeats=1, warmup=0)
+    (block,) = bm.recomputing()
+    assert isinstance(block, LoRActPreNormBlock) and block.rank == 8
+    assert block.stored_elements() == 2 * (128 * 8 + 8 * 32 + 128)
+    assert m.block_bytes == 4 * block.stored_elements()
+    # the recomputation saves at least the qkv input, q, k, v and the projection input
+    assert m.recompute_bytes >= 4 * 5 * 128 * 32
+    assert block.recompute_bytes is None  # measuring left no hook behind
+    bm.restore()

@@ -19,23 +19,30 @@ needed (grad mode on, weight trainable); in evaluation it is the plain layer.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..calibration import Modes, canonical_modes, check_modes, resolve_modes
 from ..hosvd import check_eps, energy_rank, sorted_eigh, unfold
-from ..layers import lance_conv2d, lance_linear
+from ..layers import lance_conv2d, lance_linear, set_submodule
+from ..validation import check_choice
+from .registry import Applied, MethodSettings, register_method
 
 __all__ = [
+    "SOLVERS",
+    "HosvdSettings",
     "HosvdStepConv2d",
     "HosvdStepLinear",
+    "PerLayerSettings",
     "PerStepLayer",
-    "SOLVERS",
     "init_like",
+    "layer_modes",
     "mode_subspace",
-    "resolve_modes",
     "step_factors",
     "tucker_elements",
 ]
@@ -91,33 +98,25 @@ def mode_subspace(
         return u[:, :r].clone(memory_format=torch.contiguous_format), r
 
 
-Modes = Sequence[int] | str | None
+def layer_modes(modes: Modes, layer: nn.Module, ndim: int, name: str = "layer") -> set[int]:
+    """Mode indices a per-step layer compresses (:func:`lance_lib.calibration.resolve_modes`).
 
-
-def resolve_modes(modes: Modes, ndim: int) -> set[int]:
-    """Mode indices from ``None`` / ``"all"`` (every mode), ``"no_batch"`` or indices."""
-    if modes is None or modes == "all":
-        return set(range(ndim))
-    if modes == "no_batch":
-        return set(range(1, ndim))
-    if isinstance(modes, str):
-        raise ValueError(f"modes must be indices, 'all' or 'no_batch'; got {modes!r}")
-    bad = [m for m in modes if not -ndim <= m < ndim]
-    if bad:
-        raise ValueError(f"modes {bad} do not exist for a {ndim}-mode input")
-    return {m % ndim for m in modes}
+    ``"channel"`` is the mode the weights act on: 1 for a Conv2d, the last for a Linear.
+    """
+    feature = 1 if isinstance(layer, nn.Conv2d) else ndim - 1
+    return set(resolve_modes(modes, ndim, name, feature))
 
 
 def step_factors(
-    x: torch.Tensor, eps: float, modes: Modes = None, solver: str = "svd"
+    x: torch.Tensor, eps: float, chosen: Iterable[int], solver: str = "svd"
 ) -> tuple[Factors, list[int]]:
-    """HOSVD of one activation: factors and ranks of every mode in ``modes`` (Eq. 1, 3).
+    """HOSVD of one activation: factors and ranks of the modes ``chosen`` (Eq. 1, 3).
 
-    ``modes``: ``None`` / ``"all"`` (default, every mode), ``"no_batch"`` or indices.
-    Uncompressed modes get ``None`` and their full size as rank.
+    ``chosen``: mode indices (see :func:`layer_modes`).  Uncompressed modes get
+    ``None`` and their full size as rank.
     """
     eps = check_eps(eps)
-    chosen = resolve_modes(modes, x.ndim)
+    chosen = set(chosen)
     factors: Factors = []
     ranks: list[int] = []
     for i in range(x.ndim):
@@ -239,20 +238,20 @@ class _HosvdStep(PerStepLayer):
         name: str = "",
         *,
         eps: float = 0.7,
-        modes: Modes = None,
+        modes: Modes = "all",
         solver: str = "svd",
     ) -> None:
         init_like(self, original, name)
         self.eps = check_eps(eps)
-        self.modes = modes if modes is None or isinstance(modes, str) else list(modes)
-        if solver not in SOLVERS:
-            raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
-        self.solver = solver
+        check_modes(modes, [name])
+        self.modes = modes
+        self.solver = check_choice("solver", solver, SOLVERS)
         self.ranks: list[int] | None = None
         self._compressed: list[bool] = []
 
     def compressed_forward(self, x: torch.Tensor) -> torch.Tensor:
-        factors, self.ranks = step_factors(x, self.eps, self.modes, self.solver)
+        chosen = layer_modes(self.modes, self, x.ndim, self.layer_name)
+        factors, self.ranks = step_factors(x, self.eps, chosen, self.solver)
         self._compressed = [u is not None for u in factors]
         return self.lance_call(x, factors)
 
@@ -268,3 +267,61 @@ class HosvdStepConv2d(_HosvdStep, nn.Conv2d):
 
 class HosvdStepLinear(_HosvdStep, nn.Linear):
     """Linear layer with per-step HOSVD activation compression (baseline "HOSVD")."""
+
+
+class PerLayerSettings(MethodSettings):
+    """Settings of a method that swaps each treated layer for a per-step layer.
+
+    Subclasses implement :meth:`make_layer`; :meth:`apply` swaps every target.
+    """
+
+    def make_layer(self, original: nn.Module, name: str) -> nn.Module:
+        """The per-step replacement of the Conv2d / Linear ``original`` named ``name``."""
+        raise NotImplementedError
+
+    def apply(
+        self,
+        model: nn.Module,
+        targets: Mapping[str, nn.Module],
+        *,
+        calib_loader: Iterable[Any] | None = None,
+        forward: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+    ) -> Applied:
+        """Swap every target for :meth:`make_layer`'s module (sharing its parameters)."""
+        applied = Applied(model)
+        for name, module in targets.items():
+            new = self.make_layer(module, name)
+            set_submodule(model, name, new)
+            applied.replacements[name] = new
+        return applied
+
+
+@register_method("hosvd")
+@dataclass(frozen=True)
+class HosvdSettings(PerLayerSettings):
+    """Per-step HOSVD (Nguyen et al., 2024; ref. [31] of LANCE).
+
+    Attributes
+    ----------
+    eps
+        Energy threshold of Eq. (3) applied to each step's spectrum (Table 4: 0.7).
+    modes
+        Compressed modes; default ``"all"``, as the published per-step HOSVD code
+        decomposes every mode of ``(B, C, H, W)``.
+    solver
+        ``"svd"`` of the unfolding (as the published code) or ``"eigh"`` of its Gram
+        matrix (same subspace, cheaper).
+    """
+
+    eps: float = 0.7
+    modes: Any = "all"
+    solver: str = "svd"
+
+    def validate(self) -> None:
+        self._normalise("eps", check_eps(self.eps))
+        self._normalise("modes", canonical_modes(self.modes))
+        check_choice("solver", self.solver, SOLVERS)
+
+    def make_layer(self, original: nn.Module, name: str) -> nn.Module:
+        cls = HosvdStepConv2d if isinstance(original, nn.Conv2d) else HosvdStepLinear
+        return cls(original, name, eps=self.eps, modes=self.modes, solver=self.solver)

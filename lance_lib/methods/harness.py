@@ -1,0 +1,455 @@
+"""One way to choose a training method: a name plus its settings, one handle back.
+
+Every method of the paper's comparisons runs through the same training code and the
+same accounting, so that each difference in a table is the method's.  The methods are
+registered where they are defined (:mod:`lance_lib.methods.registry`); their names and
+display labels are in :data:`lance_lib.methods.METHOD_TABLE`.
+
+:func:`apply_method` swaps the chosen layers in place (or, for ``checkpoint``, wraps
+the model) and returns a :class:`MethodHandle`: the module to train (``.model``), the
+method's frozen settings, its analytic activation memory (Appendix C), a context
+manager that runs plain BP on the same weights (for reference gradients and
+evaluation) and ``restore()``.  :func:`measure_method` times, counts and measures one
+training step of any handle the same way (a :class:`MethodMeasurement`);
+:func:`angle_to_bp` is the gradient-angle probe of Fig. 2.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..accounting import (
+    cuda_peak_bytes,
+    gradient_angle,
+    measure_flops,
+    measure_saved_tensors,
+    published_mb,
+    synchronizer,
+)
+from ..calibration import resolve_layers
+from ..layers import set_submodule
+from .checkpointing import Checkpointed, backward_peak
+from .registry import Applied, MethodSettings, settings_from_options
+
+__all__ = [
+    "MethodHandle",
+    "MethodMeasurement",
+    "angle_to_bp",
+    "apply_method",
+    "measure_method",
+    "method_settings",
+]
+
+Batch = Any
+Forward = Callable[[nn.Module, Batch], torch.Tensor]
+
+
+def _default_forward(model: nn.Module, batch: Batch) -> torch.Tensor:
+    return model(batch[0])
+
+
+@dataclass
+class MethodHandle:
+    """A method applied to a model; see :func:`apply_method`.
+
+    Attributes
+    ----------
+    settings
+        The method's frozen settings (its ``name`` is the method's name).
+    model
+        The module to train and evaluate: the model itself, or for ``checkpoint`` a
+        :class:`lance_lib.methods.checkpointing.Checkpointed` wrapper sharing its
+        modules.
+    root
+        The model passed to :func:`apply_method` (layer names refer to it).
+    layers
+        Names of the trainable layers whose activations the method treats.
+    applied
+        What the method did (replacements, LANCE's subspaces).
+    originals
+        Layer name -> the original module (put back by :meth:`restore`).
+    input_shapes
+        Layer name -> input shape of the last forward pass.
+    """
+
+    settings: MethodSettings
+    model: nn.Module
+    root: nn.Module
+    layers: list[str]
+    applied: Applied
+    originals: dict[str, nn.Module] = field(default_factory=dict)
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    hooks: list[Any] = field(default_factory=list, repr=False)
+
+    @property
+    def name(self) -> str:
+        """The method's name (a key of :data:`lance_lib.methods.METHODS`)."""
+        return self.settings.name
+
+    @property
+    def subspaces(self) -> Any:
+        """LANCE's calibrated subspaces (``None`` for the other methods)."""
+        return self.applied.subspaces
+
+    @property
+    def replacements(self) -> dict[str, nn.Module]:
+        """Layer name -> the module the method put there."""
+        return self.applied.replacements
+
+    def track_shapes(self) -> None:
+        """Record every treated layer's input shape on each forward pass."""
+        for name in self.layers:
+            module = self.root.get_submodule(name)
+
+            def hook(_m: nn.Module, inputs: tuple, name: str = name) -> None:
+                self.input_shapes[name] = tuple(inputs[0].shape)
+
+            self.hooks.append(module.register_forward_pre_hook(hook))
+
+    def _swap(self, use_originals: bool) -> None:
+        chosen = self.originals if use_originals else self.replacements
+        for name, module in chosen.items():
+            if name in self.replacements:
+                set_submodule(self.root, name, module)
+        if isinstance(self.model, Checkpointed):
+            self.model.enabled = not use_originals
+
+    @contextmanager
+    def bypassed(self) -> Iterator[nn.Module]:
+        """Run plain BP on the same weights inside the block (method state is kept).
+
+        Yields the module to call (``self.model``).  Used for BP reference gradients
+        and for evaluation, where a compressing layer would only cost time.
+        """
+        self._swap(use_originals=True)
+        try:
+            yield self.model
+        finally:
+            self._swap(use_originals=False)
+
+    def restore(self) -> nn.Module:
+        """Put the original layers back, remove hooks; returns the original model."""
+        self._swap(use_originals=True)
+        for h in self.hooks:
+            h.remove()
+        self.hooks.clear()
+        self.applied.replacements.clear()
+        return self.root
+
+    def module_names(self) -> dict[str, str]:
+        """Layer name in ``root`` -> name of the same module inside ``self.model``."""
+        where = {id(m): n for n, m in self.model.named_modules()}
+        return {name: where[id(self.root.get_submodule(name))] for name in self.layers}
+
+    def layer_elements(self) -> dict[str, tuple[int, int]]:
+        """Per layer, Appendix C elements ``(BP, method)`` kept for the weight gradient.
+
+        BP keeps the whole input ``prod_i n_i``; LANCE and the per-step HOSVD / ASI
+        keep the core and the factors of the compressed modes,
+        ``prod_i r_i + sum_i n_i r_i``; LoRAct keeps ``L k + k n``; checkpointing
+        counts as BP (the recomputation rebuilds each layer's input).  Shapes and
+        per-step ranks are those of the last training forward pass (one must have run).
+        """
+        missing = [n for n in self.layers if n not in self.input_shapes]
+        if missing:
+            raise RuntimeError(f"run a forward pass first; no input seen for layers {missing}")
+        return {
+            name: (
+                math.prod(self.input_shapes[name]),
+                self.settings.kept_elements(self.applied, name, self.input_shapes[name]),
+            )
+            for name in self.layers
+        }
+
+    def analytic_mb(self) -> float:
+        """Appendix C activation memory of the treated layers, MB (4 bytes per element)."""
+        return published_mb([kept for _, kept in self.layer_elements().values()])
+
+    def factor_bytes(self) -> int:
+        """Bytes of factors held as buffers between steps (LANCE, ASI); 0 otherwise."""
+        return sum(
+            b.untyped_storage().nbytes() for m in self.replacements.values() for b in m.buffers()
+        )
+
+    def ranks(self) -> dict[str, Any]:
+        """Per layer: mode ranks (LANCE, HOSVD, ASI), sketch rank ``k`` (LoRAct) or None."""
+        return {name: self.settings.layer_ranks(self.applied, name) for name in self.layers}
+
+
+def method_settings(method: str | MethodSettings, **options: Any) -> dict[str, Any]:
+    """The JSON-ready settings that determine ``method`` (the results key's input).
+
+    ``options`` is the shared bag of :func:`apply_method` (options of other methods are
+    left out); a settings object is returned as its own view.
+    """
+    if isinstance(method, MethodSettings):
+        return method.to_dict()
+    return settings_from_options(method, **options).to_dict()
+
+
+def apply_method(
+    model: nn.Module,
+    method: str | MethodSettings,
+    layers: Sequence[str],
+    *,
+    calib_loader: Iterable[Any] | None = None,
+    forward: Forward | None = None,
+    **options: Any,
+) -> MethodHandle:
+    """Apply a training method to the given Conv2d / Linear layers of ``model``.
+
+    Parameters
+    ----------
+    model
+        The network (modified in place; :meth:`MethodHandle.restore` undoes it).
+    method
+        A name of :data:`lance_lib.methods.METHODS` (``"bp"``, ``"lance"``,
+        ``"hosvd"``, ``"asi"``, ``"loract"``, ``"checkpoint"``) or a settings object
+        (:class:`lance_lib.methods.LanceSettings` ...).
+    layers
+        Names of the trainable Conv2d / Linear modules (e.g. the last N convs).
+    calib_loader
+        ``lance`` only: calibration batches (Phase I); required for ``lance``.
+    forward
+        ``lance``: ``forward(model, batch)`` for calibration (e.g. a multi-head model).
+    **options
+        With a method name: its settings, from one shared bag (options of the other
+        methods are ignored, unknown ones raise): ``eps``, ``num_batches``, ``modes``
+        (LANCE, default ``"channel"``; HOSVD and ASI, default ``"all"``), ``solver``
+        (HOSVD), ``first_step`` and ``seed`` (ASI), ``rank_ratio`` and ``seed``
+        (LoRAct), ``region`` and ``segments`` (checkpointing).
+
+    Returns
+    -------
+    MethodHandle
+    """
+    if isinstance(method, MethodSettings):
+        if options:
+            raise TypeError(f"give options in the settings object, not as {sorted(options)}")
+        settings = method
+    else:
+        settings = settings_from_options(method, **options)
+    layers = list(layers)
+    targets = resolve_layers(model, layers)
+    applied = settings.apply(model, targets, calib_loader=calib_loader, forward=forward)
+    handle = MethodHandle(settings, applied.model, model, layers, applied, dict(targets))
+    handle.track_shapes()
+    return handle
+
+
+# ------------------------------------------------------------------------- accounting
+
+
+@dataclass(frozen=True)
+class MethodMeasurement:
+    """One training step of a method, timed, counted and measured (:func:`measure_method`).
+
+    Attributes
+    ----------
+    forward_s, backward_s, step_s
+        Seconds of each timed repeat (``step_s`` = forward + backward).
+    forward_s_median, backward_s_median, step_s_median
+        Their medians.
+    flops_measured
+        ``FlopCounterMode`` count of one forward and backward (matrix products and
+        convolutions; decompositions are not counted).
+    measured_layer_bytes
+        What the treated layers keep for backward (saved-tensor hooks) plus the
+        factors held as buffers; for ``checkpoint``, what they hold during the
+        largest segment's recomputation.
+    measured_region_bytes
+        Every distinct storage the step keeps for backward at its peak (the trained
+        region, the classifier, the loss) plus the factors; for ``checkpoint``, the
+        peak during backward, ``max_i (inputs of segments 1..i + recompute of i)``
+        (:func:`lance_lib.methods.checkpointing.backward_peak`).
+    measured_factor_bytes
+        Factors held as buffers between steps (LANCE, ASI).
+    measured_by_kind
+        Saved bytes per kind of module (``"conv"``, ``"batchnorm"`` ...).
+    stored_between_passes_bytes
+        What is kept from the end of the forward pass to the start of the backward
+        pass: the region's bytes, or for ``checkpoint`` the segments' inputs plus
+        anything saved outside them.
+    recompute_bytes
+        The largest recomputation's saved bytes during backward (``checkpoint``: one
+        segment's forward, measured); 0 for methods that recompute nothing.
+    cuda_peak_bytes, cuda_baseline_bytes
+        On CUDA, ``torch.cuda.max_memory_allocated`` during one training step and
+        the memory allocated before it (weights, inputs); ``None`` elsewhere.
+    analytic_mb, analytic_bp_mb
+        Appendix C's memory of the treated layers under the method and under BP
+        (:meth:`MethodHandle.analytic_mb`, published MB convention).
+    ranks
+        :meth:`MethodHandle.ranks`.
+    """
+
+    forward_s: list[float]
+    backward_s: list[float]
+    step_s: list[float]
+    forward_s_median: float
+    backward_s_median: float
+    step_s_median: float
+    flops_measured: int
+    measured_layer_bytes: int
+    measured_region_bytes: int
+    measured_factor_bytes: int
+    measured_by_kind: dict[str, int]
+    stored_between_passes_bytes: int
+    recompute_bytes: int
+    cuda_peak_bytes: int | None
+    cuda_baseline_bytes: int | None
+    analytic_mb: float
+    analytic_bp_mb: float
+    ranks: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-ready dict (for results records)."""
+        return asdict(self)
+
+
+def _zero_grads(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.grad = None
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+def _time_steps(
+    model: nn.Module, loss: Callable[[], torch.Tensor], repeats: int, warmup: int
+) -> tuple[list[float], list[float]]:
+    sync = synchronizer(_device_of(model))
+    fwd_s: list[float] = []
+    bwd_s: list[float] = []
+    for i in range(warmup + repeats):
+        _zero_grads(model)
+        sync()
+        t0 = time.perf_counter()
+        value = loss()
+        sync()
+        t1 = time.perf_counter()
+        value.backward()
+        sync()
+        t2 = time.perf_counter()
+        if i >= warmup:
+            fwd_s.append(t1 - t0)
+            bwd_s.append(t2 - t1)
+    return fwd_s, bwd_s
+
+
+def measure_method(
+    handle: MethodHandle,
+    batch: Batch,
+    *,
+    repeats: int = 3,
+    warmup: int = 1,
+    forward: Forward | None = None,
+) -> MethodMeasurement:
+    """Time, FLOPs and activation memory of one training step of ``handle`` on ``batch``.
+
+    Parameters
+    ----------
+    handle
+        From :func:`apply_method`.
+    batch
+        ``(inputs, targets)`` on the model's device; the loss is cross-entropy of
+        ``forward(model, batch)``.
+    repeats, warmup
+        Timed and untimed steps.
+    forward
+        ``forward(model, batch)`` -> logits; default ``model(batch[0])``.
+
+    Returns
+    -------
+    MethodMeasurement
+
+    Notes
+    -----
+    Gradients are cleared before and after; weights are not changed (no optimiser
+    step).  Per-step methods (HOSVD, ASI, LoRAct) advance their state (ASI's warm start,
+    LoRAct's sampler) as in training.
+    """
+    forward = forward or _default_forward
+    model = handle.model
+
+    def loss() -> torch.Tensor:
+        return nn.functional.cross_entropy(forward(model, batch), batch[1])
+
+    def step() -> None:
+        _zero_grads(model)
+        loss().backward()
+
+    fwd_s, bwd_s = _time_steps(model, loss, repeats, warmup)
+    flops = measure_flops(step)
+    cuda = cuda_peak_bytes(_device_of(model), step)
+    _zero_grads(model)
+    names = list(handle.module_names().values())
+    report = measure_saved_tensors(model, loss)
+    factor_bytes = handle.factor_bytes()
+    layer_bytes = report.bytes_of(names) + factor_bytes
+    stored = peak = report.activation_bytes + factor_bytes
+    recompute = 0
+    if isinstance(model, Checkpointed):
+        inputs, segments = model.measure_segments(batch[0])
+        recomputed = [r.activation_bytes for r in segments]
+        peak, recompute = backward_peak(inputs, recomputed), max(recomputed)
+        layer_bytes = max(r.bytes_of(names) for r in segments)
+    steps = [f + b for f, b in zip(fwd_s, bwd_s, strict=True)]
+    return MethodMeasurement(
+        forward_s=fwd_s,
+        backward_s=bwd_s,
+        step_s=steps,
+        forward_s_median=statistics.median(fwd_s),
+        backward_s_median=statistics.median(bwd_s),
+        step_s_median=statistics.median(steps),
+        flops_measured=flops,
+        measured_layer_bytes=layer_bytes,
+        measured_region_bytes=peak,
+        measured_factor_bytes=factor_bytes,
+        measured_by_kind=report.by_kind,
+        stored_between_passes_bytes=stored,
+        recompute_bytes=recompute,
+        cuda_peak_bytes=None if cuda is None else cuda[1],
+        cuda_baseline_bytes=None if cuda is None else cuda[0],
+        analytic_mb=handle.analytic_mb(),
+        analytic_bp_mb=published_mb([full for full, _ in handle.layer_elements().values()]),
+        ranks=handle.ranks(),
+    )
+
+
+def angle_to_bp(
+    handle: MethodHandle,
+    batch: Batch,
+    params: Sequence[torch.Tensor],
+    *,
+    forward: Forward | None = None,
+) -> float:
+    """Angle in degrees between BP's and the method's gradients of ``params`` (Fig. 2).
+
+    Both gradients are taken on the same ``batch`` and the same weights: BP inside
+    :meth:`MethodHandle.bypassed`, then the method.  Gradients are cleared afterwards.
+    """
+    forward = forward or _default_forward
+
+    def loss() -> torch.Tensor:
+        return nn.functional.cross_entropy(forward(handle.model, batch), batch[1])
+
+    _zero_grads(handle.model)
+    with handle.bypassed():
+        loss().backward()
+    reference = [p.grad.detach().clone() for p in params]
+    _zero_grads(handle.model)
+    loss().backward()
+    grads = [p.grad.detach().clone() for p in params]
+    _zero_grads(handle.model)
+    return gradient_angle(reference, grads)
