@@ -155,3 +155,12 @@ def test_reference_weights_are_verified_before_any_work(tmp_path, monkeypatch):
     monkeypatch.setattr(latency_module, "measure_method", None)  # would fail if reached
     with pytest.raises(ReferenceWeightsError, match="make weights"):
         latency(cfg, results_dir=tmp_path / "results")
+
+
+def test_the_record_request_names_where_the_runner_stores_the_record(tmp_path, monkeypatch):
+    monkeypatch.setenv("LANCE_RESULTS", str(tmp_path))  # the shared cache the grid fills
+    cfg = LatencyConfig(**TINY)
+    path, settings, required = cfg.record_request()
+    assert path == tmp_path / "latency" / f"latency-mcunet-{cfg.key()}.json"
+    assert settings == cfg.settings()
+    assert {"rows", "model_label", "weights", "device"} <= set(required)

@@ -44,6 +44,32 @@ __all__ = [
 
 
 @dataclass(frozen=True)
+class LatencyRecord(TailRecord):
+    """The fields of a stored latency record (besides ``settings`` and ``provenance``).
+
+    Attributes
+    ----------
+    model_label, stand_in, resolution, classes, weights, device
+        What was measured (:class:`lance_lib.experiments.probe.TailRecord`).
+    rows
+        One per ``(layers, method)``, in measurement order: ``layers`` (``N``),
+        ``method``, ``trained`` (the layers' names in the model), ``tail_input``
+        (shape of the tail's input) and every field of
+        :class:`lance_lib.methods.MethodMeasurement` (``forward_s_median``,
+        ``backward_s_median``, ``step_s_median``, ``measured_layer_bytes``,
+        ``analytic_mb``, ``flops_measured``, ``cuda_peak_bytes``, ``ranks`` ...).
+    timed
+        What the times cover.
+    """
+
+    rows: list[dict[str, Any]]
+    timed: str = (
+        "one training step (forward + backward, no optimizer step) of the trainable tail; "
+        "the frozen prefix, the same for every method, is computed once and not timed"
+    )
+
+
+@dataclass(frozen=True)
 class LatencyConfig(TailProbeConfig):
     """One latency sweep (Fig. 5); the shared settings are those of :class:`TailProbeConfig`.
 
@@ -64,6 +90,7 @@ class LatencyConfig(TailProbeConfig):
         and ``num_batches`` come from their own fields.
     """
 
+    record_type: ClassVar[type] = LatencyRecord
     kind: ClassVar[str] = "latency"
     record_format: ClassVar[int] = 1
 
@@ -122,32 +149,6 @@ class LatencyConfig(TailProbeConfig):
     def settings(self) -> dict[str, Any]:
         """The shared key plus every method's resolved settings."""
         return {**super().settings(), "method_settings": self.method_settings()}
-
-
-@dataclass(frozen=True)
-class LatencyRecord(TailRecord):
-    """The fields of a stored latency record (besides ``settings`` and ``provenance``).
-
-    Attributes
-    ----------
-    model_label, stand_in, resolution, classes, weights, device
-        What was measured (:class:`lance_lib.experiments.probe.TailRecord`).
-    rows
-        One per ``(layers, method)``, in measurement order: ``layers`` (``N``),
-        ``method``, ``trained`` (the layers' names in the model), ``tail_input``
-        (shape of the tail's input) and every field of
-        :class:`lance_lib.methods.MethodMeasurement` (``forward_s_median``,
-        ``backward_s_median``, ``step_s_median``, ``measured_layer_bytes``,
-        ``analytic_mb``, ``flops_measured``, ``cuda_peak_bytes``, ``ranks`` ...).
-    timed
-        What the times cover.
-    """
-
-    rows: list[dict[str, Any]]
-    timed: str = (
-        "one training step (forward + backward, no optimizer step) of the trainable tail; "
-        "the frozen prefix, the same for every method, is computed once and not timed"
-    )
 
 
 def _sweep(
@@ -218,7 +219,6 @@ def latency(
     cfg = LatencyConfig.from_dict(config)
     return run_cached(
         cfg,
-        LatencyRecord,
         lambda: _sweep(cfg, root, progress),
         results_dir=results_dir,
         force=force,

@@ -18,7 +18,8 @@ import itertools
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -89,6 +90,9 @@ class TailProbeConfig(ExperimentConfig):
         one device says nothing about another.
     """
 
+    #: The dataclass listing the fields of the kind's record (set by each kind).
+    record_type: ClassVar[type]
+
     model: str = "resnet18"
     dataset: str = "cifar10_mini"
     weights: str | None = "reference"
@@ -136,6 +140,25 @@ class TailProbeConfig(ExperimentConfig):
         out["resolution"] = self.input_resolution
         out["device"] = str(resolve_device(self.device))
         return out
+
+    def record_request(
+        self, results_dir: str | os.PathLike | None = None
+    ) -> tuple[Path, dict[str, Any], tuple[str, ...]]:
+        """Where the record lives, the settings it must store, and its required fields.
+
+        The path is ``<results_dir>/<kind>-<model>-<key>.json``
+        (:func:`lance_lib.paths.results_dir` ``(kind)`` by default). With reference
+        weights the stored settings also hold the weight file's SHA-256, read from the
+        verified manifest (so this raises :class:`lance_lib.weights.ReferenceWeightsError`
+        for a missing or altered file), and a record made from other weights does not
+        answer the request.
+        """
+        settings = self.settings()
+        folder = default_results_dir(self.kind) if results_dir is None else Path(results_dir)
+        path = record_path(folder, f"{self.kind}-{self.model}", settings)
+        if self.weights == "reference":
+            settings["weights_sha256"] = reference_sha256(self.model)
+        return path, settings, tuple(f.name for f in dataclasses.fields(self.record_type))
 
     def prepare(
         self, layers: int, *, root: str | os.PathLike | None, progress: bool | None
@@ -243,26 +266,21 @@ def tail_inputs(
 
 def run_cached(
     config: TailProbeConfig,
-    record_type: type,
     compute: Callable[[], Mapping[str, Any]],
     *,
     results_dir: str | os.PathLike | None,
     force: bool,
 ) -> dict[str, Any]:
-    """Reuse or compute the record of ``config``: one JSON file per setting.
+    """Reuse or compute the record of ``config`` (:meth:`TailProbeConfig.record_request`).
 
     Parameters
     ----------
     config
-        The experiment; its :meth:`~TailProbeConfig.settings` are the results key, plus
-        the reference weights' SHA-256 (rebuilt weights invalidate older records).
-    record_type
-        The dataclass listing the record's fields (all are required on reuse).
+        The experiment.
     compute
         Runs the experiment; returns the record's fields.
     results_dir
-        Folder of ``<kind>-<model>-<key>.json``; default
-        :func:`lance_lib.paths.results_dir` ``(kind)``.
+        Folder of the records; default :func:`lance_lib.paths.results_dir` ``(kind)``.
     force
         Recompute even if a matching record exists.
 
@@ -271,21 +289,13 @@ def run_cached(
     lance_lib.weights.ReferenceWeightsError
         Reference weights missing or altered (checked first).
     """
-    settings = config.settings()
-    weights = {}
-    if config.weights == "reference":
-        weights = {config.model: reference_sha256(config.model)}
-        settings["weights_sha256"] = weights[config.model]
-    folder = default_results_dir(config.kind) if results_dir is None else results_dir
+    path, settings, required = config.record_request(results_dir)
+    weights = {config.model: settings["weights_sha256"]} if "weights_sha256" in settings else {}
     return cached_record(
-        record_path(folder, f"{config.kind}-{config.model}", settings),
+        path,
         settings,
         compute,
-        required=[f.name for f in dataclasses.fields(record_type)],
+        required=required,
         force=force,
-        provenance_extra={
-            "seeds": [config.seed],
-            "weights": weights,
-            "device": settings["device"],
-        },
+        provenance_extra={"seeds": [config.seed], "weights": weights, "device": settings["device"]},
     )

@@ -45,36 +45,6 @@ REGION_METHODS: tuple[str, ...] = ("bp", "lance", "lean")
 
 
 @dataclass(frozen=True)
-class RegionMemoryConfig(TailProbeConfig):
-    """One region-memory measurement; shared settings as in :class:`TailProbeConfig`.
-
-    Attributes
-    ----------
-    layers
-        ``N``: the last ``N`` convolutions are trained (and compressed).
-    modes
-        Input modes LANCE compresses (:func:`lance_lib.calibration.calibrate`):
-        ``"channel"`` (the fine-tuning default, Theorem 1's scope), ``"no_batch"``,
-        ``"all"`` (Eq. 1 as written) or indices.
-    """
-
-    kind: ClassVar[str] = "region_memory"
-    record_format: ClassVar[int] = 1
-
-    layers: int = 4
-    modes: Any = "channel"
-
-    def __hash__(self) -> int:
-        return hash(self.key())
-
-    def validate(self) -> None:
-        """The shared checks, then ``layers`` and ``modes``."""
-        super().validate()
-        self._set("layers", check_int("layers", self.layers, minimum=1))
-        self._set("modes", canonical_modes(self.modes))
-
-
-@dataclass(frozen=True)
 class RegionMemoryRecord(TailRecord):
     """The fields of a stored region-memory record (besides ``settings``, ``provenance``).
 
@@ -116,6 +86,37 @@ class RegionMemoryRecord(TailRecord):
     lean_gradient_max_rel_diff: float
     cuda_peak_bytes: dict[str, int] | None
     cuda_baseline_bytes: dict[str, int] | None
+
+
+@dataclass(frozen=True)
+class RegionMemoryConfig(TailProbeConfig):
+    """One region-memory measurement; shared settings as in :class:`TailProbeConfig`.
+
+    Attributes
+    ----------
+    layers
+        ``N``: the last ``N`` convolutions are trained (and compressed).
+    modes
+        Input modes LANCE compresses (:func:`lance_lib.calibration.calibrate`):
+        ``"channel"`` (the fine-tuning default, Theorem 1's scope), ``"no_batch"``,
+        ``"all"`` (Eq. 1 as written) or indices.
+    """
+
+    record_type: ClassVar[type] = RegionMemoryRecord
+    kind: ClassVar[str] = "region_memory"
+    record_format: ClassVar[int] = 1
+
+    layers: int = 4
+    modes: Any = "channel"
+
+    def __hash__(self) -> int:
+        return hash(self.key())
+
+    def validate(self) -> None:
+        """The shared checks, then ``layers`` and ``modes``."""
+        super().validate()
+        self._set("layers", check_int("layers", self.layers, minimum=1))
+        self._set("modes", canonical_modes(self.modes))
 
 
 def _step(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> Callable[[], None]:
@@ -234,7 +235,6 @@ def region_memory(
     cfg = RegionMemoryConfig.from_dict(config)
     return run_cached(
         cfg,
-        RegionMemoryRecord,
         lambda: _measure(cfg, root, progress),
         results_dir=results_dir,
         force=force,
