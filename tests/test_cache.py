@@ -81,3 +81,12 @@ def test_records_get_the_umask_mode(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o644
+
+
+def test_provenance_returned_by_the_run_is_merged(tmp_path):
+    def compute():
+        return {"final_accuracy": 0.5, "provenance": {"weights": {"resnet18": "ab12"}}}
+
+    out = cached_record(tmp_path / "r.json", SETTINGS, compute, provenance_extra={"seeds": [3]})
+    assert out["provenance"]["weights"] == {"resnet18": "ab12"}
+    assert out["provenance"]["seeds"] == [3] and "provenance" not in out["settings"]

@@ -120,7 +120,8 @@ def cached_record(
         Stored as the record's ``settings`` and compared on reuse.
     compute
         Runs the experiment; returns the record's fields (``settings`` and
-        ``provenance`` are added).
+        ``provenance`` are added; a ``provenance`` mapping it returns, e.g. the hash of
+        weights known only after the run, is merged into the added one).
     required
         Fields a complete record holds; checked on reuse and on the computed record.
     force
@@ -145,9 +146,10 @@ def cached_record(
         stored = load_record(path, settings, required)
         if stored is not None:
             return {**stored, "path": str(path)}
-    extra = dict(provenance_extra or {})
+    computed = dict(compute())
+    extra = {**dict(provenance_extra or {}), **dict(computed.pop("provenance", None) or {})}
     record = {
-        **compute(),
+        **computed,
         "settings": jsonable(settings),
         "provenance": provenance.record(**extra),
     }
