@@ -88,6 +88,8 @@ def test_one_record_holds_every_method_at_every_layer_count(tiny_record):
     stored = json.loads(Path(tiny_record["path"]).read_text())
     assert stored["settings"] == LatencyConfig(**TINY).settings()
     assert stored["provenance"]["device"] == "cpu"
+    # the weights used, hashed, even when made on the fly (here: a seeded random init)
+    assert stored["provenance"]["weights"] == {"mcunet": tiny_record["weights"]["sha256"]}
 
 
 def test_a_stored_record_is_reused_and_force_measures_again(tiny_record, monkeypatch):

@@ -183,7 +183,8 @@ def _sweep(
                     }
                 )
                 bar.update()
-    return asdict(LatencyRecord(rows=rows, **TailRecord.describe(cfg.model, prep)))
+    record = LatencyRecord(rows=rows, **TailRecord.describe(cfg.model, prep))
+    return {**asdict(record), "provenance": TailRecord.provenance(cfg.model, prep)}
 
 
 @register_experiment(LatencyConfig)

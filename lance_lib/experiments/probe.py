@@ -246,6 +246,15 @@ class TailRecord:
             "device": str(prep.device),
         }
 
+    @staticmethod
+    def provenance(model: str, prep: Prepared) -> dict[str, Any]:
+        """What the record's provenance adds: ``{model: sha256}`` of the weights used.
+
+        The reference file's SHA-256, or the starting state dict's for weights made on
+        the fly (:class:`lance_lib.experiments.setup.StartingWeights`).
+        """
+        return {"weights": {model: prep.weights.sha256}}
+
 
 def tail_inputs(
     prefix: nn.Module | None, batches: Sequence[Batch], device: torch.device

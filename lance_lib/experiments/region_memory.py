@@ -202,7 +202,7 @@ def _measure(
         cuda_baseline_bytes=baselines,
         **TailRecord.describe(cfg.model, prep),
     )
-    return asdict(record)
+    return {**asdict(record), "provenance": TailRecord.provenance(cfg.model, prep)}
 
 
 @register_experiment(RegionMemoryConfig)
