@@ -74,6 +74,7 @@ import nbformat
 import yaml
 
 from lance_lib import paths
+from lance_lib.io import atomic_write, write_text_atomic
 from lance_lib.progress import PROGRESS_ENV
 
 __all__ = [
@@ -250,27 +251,9 @@ def fingerprint(
     return h.hexdigest()
 
 
-def _write_notebook_atomic(nb: nbformat.NotebookNode, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        nbformat.write(nb, tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _write_depfile(output: Path, inputs: Sequence[str]) -> None:
-    dep = output.with_suffix(".d")
     text = "".join(f"{output}: {p}\n{p}:\n" for p in inputs)
-    fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=dep.name + ".", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, dep)
+    write_text_atomic(output.with_suffix(".d"), text)
 
 
 @contextlib.contextmanager
@@ -391,7 +374,7 @@ def run_notebook(
         "parameters": params,
         "inputs": list(inputs),
     }
-    _write_notebook_atomic(nb, output)
+    atomic_write(output, lambda handle: nbformat.write(nb, handle))
     _write_depfile(output, inputs)
     if failed.exists():
         failed.unlink()

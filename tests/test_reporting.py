@@ -194,3 +194,20 @@ def test_figure_size_and_method_table():
         figure_size(0)
     assert method_label("lance") == METHOD_TABLE["lance"].label == METHOD_LABELS["lance"]
     assert method_color("bp") == METHOD_TABLE["bp"].color
+
+
+def test_footer_stays_below_an_outside_legend(tmp_path):
+    use_style()
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], label="a curve")
+    legend = fig.legend(loc="outside lower center")
+    seen = []  # extents at every draw, including the tight-bbox draws of savefig
+
+    def measure(event):
+        if len(fig.texts):
+            footer = fig.texts[-1].get_window_extent(event.renderer)
+            seen.append((footer.y1, legend.get_window_extent(event.renderer).y0))
+
+    fig.canvas.mpl_connect("draw_event", measure)
+    save_figure(fig, tmp_path / "f", provenance=PROV)
+    assert seen and all(top <= bottom for top, bottom in seen), seen

@@ -48,8 +48,20 @@ def show_png(path: str | os.PathLike) -> None:
 
 
 def _add_footer(fig: matplotlib.figure.Figure, text: str) -> None:
-    fig.canvas.draw()  # lay out first, then put the footer under everything drawn
-    box = fig.get_tightbbox(fig.canvas.get_renderer())
+    """Write ``text`` under everything drawn, in a layout frozen as drawn.
+
+    Legends placed outside the axes (``fig.legend(loc="outside ...")``) are anchored to
+    the figure's box, which a tight ``savefig`` moves to include the footer; they are
+    pinned where the layout put them first.
+    """
+    fig.canvas.draw()
+    fig.set_layout_engine("none")
+    renderer = fig.canvas.get_renderer()
+    for legend in fig.legends:
+        where = legend.get_window_extent(renderer).transformed(fig.transFigure.inverted())
+        legend.set_bbox_to_anchor(where, transform=fig.transFigure)
+        legend.set_loc("center")
+    box = fig.get_tightbbox(renderer)  # inches
     fig.text(
         box.x0 / fig.get_figwidth(),
         box.y0 / fig.get_figheight() - 0.01,
