@@ -98,6 +98,7 @@ class TransformerConfig(ExperimentConfig):
 
     kind: ClassVar[str] = "transformer"
     record_format: ClassVar[int] = 2
+    record_fields: ClassVar[tuple[str, ...]] = TRANSFORMER_RECORD_FIELDS
 
     model: str = "vit_tiny"
     dataset: str = "cifar10_mini"
@@ -336,7 +337,7 @@ def run_comparison(
         path,
         settings,
         lambda: _run(cfg, root, progress),
-        required=TRANSFORMER_RECORD_FIELDS,
+        required=cfg.record_fields,
         force=force,
         provenance_extra={"seeds": [cfg.seed], "device": str(resolve_device(cfg.device))},
     )
