@@ -233,3 +233,22 @@ def test_prenorm_mode_keeps_two_sketches_per_block_and_measures_the_recompute(ba
     assert m.recompute_bytes >= 4 * 5 * 128 * 32
     assert block.recompute_bytes is None  # measuring left no hook behind
     bm.restore()
+
+
+def test_transformer_config_is_validated_once_registered_and_swept():
+    from lance_lib.experiments.base import experiment_kinds
+    from lance_lib.experiments.sweeps import sweep
+    from lance_lib.experiments.transformer import TransformerConfig
+
+    cfg = TransformerConfig(rank_ratios=[0.5, 0.25], methods=["bp", "loract_prenorm"])
+    assert cfg.rank_ratios == (0.5, 0.25) and cfg.modes == "channel"
+    assert cfg.variants() == [("bp", None), ("loract_prenorm", 0.5), ("loract_prenorm", 0.25)]
+    assert experiment_kinds()["transformer"] is TransformerConfig
+    with pytest.raises(ValueError, match="include 'bp'"):
+        TransformerConfig(methods=["lance"])
+    with pytest.raises(ValueError, match="max_steps_per_epoch must be >= 1"):
+        TransformerConfig(max_steps_per_epoch=0)
+    with pytest.raises(TypeError, match="unknown transformer settings"):
+        TransformerConfig.from_dict({"blockz": 2})
+    (swept,) = sweep("transformer_finetune", {"model_name": "vit_tiny", "blocks": 1, "seed": 3})
+    assert swept == TransformerConfig(blocks=1, seed=3)
