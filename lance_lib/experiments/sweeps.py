@@ -26,6 +26,7 @@ _SWEEPS: dict[str, SweepFunction] = {}
 SWEEP_MODULES: tuple[str, ...] = (
     "lance_lib.experiments.finetune",
     "lance_lib.experiments.transformer",
+    "lance_lib.experiments.gradient_fidelity",
     "lance_lib.experiments.latency",
     "lance_lib.experiments.region_memory",
     "lance_lib.continual",
