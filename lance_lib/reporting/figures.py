@@ -17,7 +17,7 @@ from pathlib import Path
 import matplotlib.figure
 import matplotlib.pyplot as plt
 
-from lance_lib.io import atomic_write, write_json_atomic
+from lance_lib.io import atomic_write
 from lance_lib.progress import in_notebook
 
 from .provenance import Provenance
@@ -126,8 +126,7 @@ def save_figure(
             atomic_write(path, lambda handle, fmt=fmt: fig.savefig(handle, format=fmt), binary=True)
         )
     if provenance is not None:
-        sidecar = stem.with_name(f"{stem.name}.provenance.json")
-        written.append(write_json_atomic(sidecar, provenance.as_dict()))
+        written.append(provenance.write_sidecar(stem))
     if in_notebook() if show is None else show:
         show_png(written[0])
     if close:

@@ -9,11 +9,14 @@ GPU model and the thread count of the process that drew it.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from lance_lib import provenance as run_provenance
+from lance_lib.io import write_json_atomic
 
 __all__ = ["Provenance"]
 
@@ -94,3 +97,8 @@ class Provenance:
             models=list(self.models),
             notes=list(self.notes),
         )
+
+    def write_sidecar(self, stem: str | os.PathLike) -> Path:
+        """Write :meth:`as_dict` to ``<stem>.provenance.json`` atomically; return the path."""
+        stem = Path(stem)
+        return write_json_atomic(stem.with_name(f"{stem.name}.provenance.json"), self.as_dict())

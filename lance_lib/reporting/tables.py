@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from lance_lib.io import write_json_atomic, write_text_atomic
+from lance_lib.io import write_text_atomic
 
 from .figures import SavedFiles
 from .provenance import Provenance
@@ -145,6 +145,5 @@ def save_table(
         ]
     )
     if provenance is not None:
-        sidecar = stem.with_name(stem.name + ".provenance.json")
-        written.append(write_json_atomic(sidecar, provenance.as_dict()))
+        written.append(provenance.write_sidecar(stem))
     return written
