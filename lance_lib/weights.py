@@ -69,7 +69,7 @@ def weights_dir() -> Path:
 
 @dataclass(frozen=True)
 class ReferenceRecipe:
-    """How one reference backbone is trained (see :func:`lance_lib.pretrain.pretrain`).
+    """How one reference backbone is trained (see :func:`lance_lib.experiments.pretrain.pretrain`).
 
     Attributes
     ----------
@@ -83,7 +83,7 @@ class ReferenceRecipe:
         Length of the cosine schedule; the curve in the manifest shows where the test
         accuracy stops improving.
     lr, batch_size, weight_decay, augment, seed
-        SGD with momentum 0.9 (:func:`lance_lib.pretrain.pretrain`).
+        SGD with momentum 0.9 (:func:`lance_lib.experiments.pretrain.pretrain`).
     dataset
         Full CIFAR-10 (25,000 training images of split A).
     split_seed
@@ -239,7 +239,7 @@ def build_reference(
     directory
         Where the fp16 file and the manifest go; default :func:`weights_dir`.
     progress, device
-        As in :func:`lance_lib.pretrain.pretrain`.
+        As in :func:`lance_lib.experiments.pretrain.pretrain`.
 
     Returns
     -------
