@@ -1,4 +1,4 @@
-"""Continual learning (Phase III of LANCE): memory, null-space calibration, bounds, metrics."""
+"""Continual learning (Phase III of LANCE): memory, rank rules, bounds, metrics, protocol."""
 
 from __future__ import annotations
 
@@ -10,9 +10,8 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from lance_lib import continual
 from lance_lib.continual import (
-    BENCHMARKS,
+    NULL_SPACE_RULES,
     ContinualTask,
     FineTune,
     LanceCL,
@@ -21,18 +20,21 @@ from lance_lib.continual import (
     average_accuracy,
     backbone_layers,
     backward_transfer,
+    frozen_layers,
     interference,
     null_space_calibration,
-    run_benchmark,
     run_continual,
     train_multitask,
     update_memory,
 )
-from lance_lib.data import DatasetNotFoundError
+from lance_lib.continual.benchmarks import BENCHMARKS
 from lance_lib.layers import LanceConv2d, LanceLinear, compress, restore
 from lance_lib.models import MultiHead
 
-torch.set_num_threads(1)
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    """Small models: one thread is as fast and keeps runs bit-identical."""
 
 
 def tiny_model(num_tasks: int = 2, seed: int = 0) -> MultiHead:
@@ -113,24 +115,63 @@ def test_eq5_selection_on_hand_made_spectrum():
     assert up.added["0"] == 2 and not up.saturated
 
 
+def test_rank_rules_on_hand_made_spectrum():
+    # Same B = diag(4, 3, 2, 1) and M = e1 (explains 0.4 of the energy).  The memory
+    # explains less than eps = 0.3?  No: 0.4 >= 0.3, so Eq. (5) keeps nothing and freezes
+    # the layer, while the residual rule keeps Eq. (3) of the remaining (3, 2, 1): 3/6 =
+    # 0.5 >= 0.3 -> one direction, e2.
+    model = MultiHead(nn.Sequential(nn.Linear(4, 3, bias=False)), 3, 2, 2)
+    loader = diag_loader([4.0, 3.0, 2.0, 1.0])
+    memory = {"backbone.0": torch.eye(4, dtype=torch.float64)[:, :1]}
+    with pytest.warns(SaturationWarning, match="'eq5' rule keeps no new direction"):
+        gpm_style = null_space_calibration(
+            model, loader, ["backbone.0"], memory, 0.3, 1, memory_rule="eq5", forward=fwd(1)
+        )
+    assert gpm_style["backbone.0"].ranks[-1] == 0
+    assert frozen_layers(model, gpm_style) == ["backbone.0"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SaturationWarning)
+        default = null_space_calibration(
+            model, loader, ["backbone.0"], memory, 0.3, 1, forward=fwd(1)
+        )
+    u = default["backbone.0"].factors[-1]
+    assert u.shape == (4, 1) and torch.allclose(u.abs()[:, 0], torch.eye(4)[1].double())
+    assert default.settings["null_space_rule"] == "residual" and not frozen_layers(model, default)
+    assert set(NULL_SPACE_RULES) == {"residual", "eq5"}
+
+
+def test_default_rule_freezes_only_saturated_layers():
+    # A memory built from task 1 with eps_CL = 0.95 explains > eps = 0.9 of a task from
+    # the same distribution: Eq. (5) freezes layers; the default keeps every layer whose
+    # null space is not empty learning, with factors orthogonal to the memory.
+    model = tiny_model()
+    layers = backbone_layers(model)
+    t0, t1 = tiny_task(0), tiny_task(1)
+    up = update_memory(model, batches(t0), layers, None, 0.95, num_batches=3, forward=fwd(0))
+    assert all(m.shape[1] < m.shape[0] for m in up.memory.values())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SaturationWarning)
+        literal = null_space_calibration(
+            model, batches(t1), layers, up.memory, 0.9, 3, forward=fwd(1), memory_rule="eq5"
+        )
+    assert frozen_layers(model, literal)  # the GPM-style reading freezes some layer here
+    default = null_space_calibration(model, batches(t1), layers, up.memory, 0.9, 3, forward=fwd(1))
+    assert frozen_layers(model, default) == []
+    for name, sub in default.items():
+        d = 1 if sub.kind == "conv2d" else -1
+        assert sub.factors[d].shape[1] >= 1
+        assert (sub.factors[d].T @ up.memory[name]).abs().max() < 1e-6
+
+
 def test_new_task_factors_are_orthogonal_to_memory():
     model = tiny_model()
     layers = backbone_layers(model)
     t0, t1 = tiny_task(0), tiny_task(1, shift=0.5)
     up = update_memory(model, batches(t0), layers, None, 0.9, num_batches=3, forward=fwd(0))
     assert all(0 < m.shape[1] < m.shape[0] for m in up.memory.values())
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", SaturationWarning)
-        subs = null_space_calibration(
-            model,
-            batches(t1),
-            layers,
-            up.memory,
-            eps=0.99,
-            num_batches=3,
-            forward=fwd(1),
-            memory_rule="eq3",
-        )
+    subs = null_space_calibration(
+        model, batches(t1), layers, up.memory, eps=0.99, num_batches=3, forward=fwd(1)
+    )
     checked = 0
     for name, sub in subs.items():
         d = 1 if sub.kind == "conv2d" else len(sub.input_shape) - 1
@@ -175,17 +216,14 @@ def test_lance_bounds_output_drift_on_earlier_tasks():
     t0, t1 = tiny_task(0), tiny_task(1, shift=0.5)
     old = batches(t0)
     train_steps(model, old, 0, steps=5)  # task 1: full BP
-    method = LanceCL(
-        layers, eps=0.9, eps_cl=eps_cl, num_batches=3, num_batches_cl=3, memory_rule="eq3"
-    )
+    method = LanceCL(layers, eps=0.9, eps_cl=eps_cl, num_batches=3, num_batches_cl=3)
     method.before_task(model, 0, old)  # task 1: full BP, nothing compressed
     method.after_task(model, 0, old)  # Phase III on exactly these batches
     x_old = capture_inputs(model, layers, old, 0)
     modules = dict(model.named_modules())
     before = {n: modules[n].weight.detach().clone() for n in layers}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", SaturationWarning)
-        method.before_task(model, 1, batches(t1))
+    plan = method.before_task(model, 1, batches(t1))
+    assert plan.frozen_layers == []
     assert all(
         isinstance(dict(model.named_modules())[n], (LanceConv2d, LanceLinear)) for n in layers
     )
@@ -221,11 +259,12 @@ def test_saturated_memory_freezes_the_layer_and_says_so():
     x, y = torch.randn(16, 3), torch.arange(16) % 2
     data = [(x, y)]
     full = {"backbone.0": torch.eye(3, dtype=torch.float64)}
-    with pytest.warns(SaturationWarning, match="saturated"):
-        subs = null_space_calibration(
-            model, data, ["backbone.0"], full, eps=0.9, num_batches=1, forward=fwd(1)
-        )
-    assert subs["backbone.0"].factors[1].shape == (3, 0)
+    for rule in NULL_SPACE_RULES:  # no rule can learn in an empty null space
+        with pytest.warns(SaturationWarning, match="saturated"):
+            subs = null_space_calibration(
+                model, data, ["backbone.0"], full, 0.9, 1, forward=fwd(1), memory_rule=rule
+            )
+        assert subs["backbone.0"].factors[1].shape == (3, 0)
     w0 = model.backbone[0].weight.detach().clone()
     compress(model, subs)
     train_steps(model, data, 1, steps=2)
@@ -258,33 +297,75 @@ def test_plateau_schedule_divides_lr_and_stops():
     assert s.step(0.95, model)  # 0.25 < min_lr
     s.restore(model)
     assert model.weight.item() == 7.0
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="factor"):
         PlateauSchedule(opt, lr=1.0, factor=0.5, patience=2, min_lr=0.0)
 
 
 def small_spec(**kw):
-    from dataclasses import replace
+    settings = dict(batch_size=32, epochs=2, num_batches=3, num_batches_cl=3, lr=0.05)
+    return BENCHMARKS["cifar10_mini"].replace(**{**settings, **kw})
 
-    return replace(
-        BENCHMARKS["cifar10_mini"],
-        batch_size=32,
-        epochs=2,
-        num_batches=3,
-        num_batches_cl=3,
-        lr=0.05,
-        **kw,
-    )
+
+class Recorded(LanceCL):
+    """LANCE that also keeps every layer's weights before and after each task."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.weights: list[tuple[dict, dict]] = []
+
+    def _snapshot(self, model):
+        modules = dict(model.named_modules())
+        return {n: modules[n].weight.detach().clone() for n in self.layers}
+
+    def before_task(self, model, task, loader):
+        plan = super().before_task(model, task, loader)
+        self.weights.append((self._snapshot(model), {}))
+        return plan
+
+    def after_task(self, model, task, loader):
+        self.weights[-1][1].update(self._snapshot(model))
+        super().after_task(model, task, loader)
+
+
+@pytest.mark.parametrize("rule", ["residual", "eq5"])
+def test_records_layer_ranks_and_frozen_layers_per_task(rule):
+    tasks = [tiny_task(0), tiny_task(1), tiny_task(2, shift=0.2)]
+    model = tiny_model(3)
+    layers = backbone_layers(model)
+    strategy = Recorded(layers, 0.9, 0.95, 3, 3, memory_rule=rule)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SaturationWarning)
+        out = run_continual(model, tasks, strategy, small_spec(), progress=False)
+    ranks, frozen = out["layer_ranks"], out["frozen_layers"]
+    assert len(ranks) == len(frozen) == 3
+    # task 1 trains with full BP: every layer keeps its whole input
+    assert ranks[0] == {
+        "backbone.0": [32, 3, 8, 8],
+        "backbone.2": [32, 8, 8, 8],
+        "backbone.5": [32, 128],
+    }
+    assert frozen[0] == []
+    for j in (1, 2):
+        assert set(ranks[j]) == set(layers)
+        for name in layers:
+            r_d = ranks[j][name][1 if name != "backbone.5" else -1]
+            assert (r_d == 0) == (name in frozen[j])  # frozen <=> mode-d rank 0
+            before, after = strategy.weights[j]
+            moved = not torch.equal(before[name], after[name])
+            assert moved == (name not in frozen[j]), (j, name)  # consistent with training
+    if rule == "residual":
+        assert frozen == [[], [], []]  # no null space is empty here
+    else:
+        assert any(frozen[1:])  # the GPM-style reading freezes layers on these tasks
 
 
 def test_run_continual_lance_and_finetune_records():
     tasks = [tiny_task(0), tiny_task(1, shift=0.5), tiny_task(2, shift=-0.5)]
     spec = small_spec()
     model = tiny_model(3)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", SaturationWarning)
-        lance = run_continual(
-            model, tasks, LanceCL(backbone_layers(model), 0.9, 0.95, 3, 3), spec, progress=False
-        )
+    lance = run_continual(
+        model, tasks, LanceCL(backbone_layers(model), 0.9, 0.95, 3, 3), spec, progress=False
+    )
     a = lance["acc_matrix"]
     assert len(a) == 3 and all(len(r) == 3 for r in a)
     assert a[0][1] == a[0][2] == a[1][2] == 0.0
@@ -296,66 +377,42 @@ def test_run_continual_lance_and_finetune_records():
     assert ranks == sorted(ranks) and mem["memory_shapes"]["backbone.5"] == [128, ranks[-1]]
     # BatchNorm-free model: backbone biases absent; no layer stays compressed afterwards
     assert not any(isinstance(m, (LanceConv2d, LanceLinear)) for m in model.modules())
-    ft = run_continual(tiny_model(3), tasks, FineTune(), spec, progress=False)
+    ft = run_continual(tiny_model(3), tasks, FineTune(backbone_layers(model)), spec, progress=False)
     assert ft["memory"]["mb"] == 0.0 and len(ft["training"]) == 3
-    mt = train_multitask(tiny_model(3), tasks, spec, progress=False)
+    assert ft["frozen_layers"] == [[], [], []]
+    assert ft["layer_ranks"][2]["backbone.5"] == [32, 128]
+    mt = train_multitask(tiny_model(3), tasks, spec, layers=backbone_layers(model), progress=False)
     assert len(mt["acc_matrix"]) == 1 and mt["BWT"] is None
+    assert mt["frozen_layers"] == [[]] and mt["layer_ranks"][0]["backbone.0"] == [32, 3, 8, 8]
+    assert all(0 <= v <= 100 for v in mt["acc_matrix"][0])
+
+
+def test_multitask_loss_is_each_samples_own_head():
+    # One epoch of joint training with lr ~ 0 in one batch of both tasks: its training
+    # loss is the mean over samples of the cross-entropy under each sample's own head,
+    # and the schedule's validation loss the sum of the tasks' own-head losses.
+    tasks = [tiny_task(0, n=32), tiny_task(1, n=32, shift=0.5)]
+    model = tiny_model(2)
+    with torch.no_grad():
+        own = [
+            nn.functional.cross_entropy(model(*t.train.tensors[:1], i), t.train.tensors[1])
+            for i, t in enumerate(tasks)
+        ]
+    spec = small_spec(epochs=1, batch_size=64, lr=1e-12)
+    out = train_multitask(model, tasks, spec, layers=backbone_layers(model), progress=False)
+    assert out["training"][0]["last_train_loss"] == pytest.approx(sum(own).item() / 2, rel=1e-5)
+    assert out["training"][0]["best_val_loss"] == pytest.approx(sum(own).item(), rel=1e-5)
 
 
 def test_modes_all_trains_with_full_batches_and_evaluates_any_size():
     tasks = [tiny_task(0, n=80), tiny_task(1, n=80, shift=0.5)]  # 80 = 2 x 32 + 16
     spec = small_spec(modes="all")
     model = tiny_model(2)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", SaturationWarning)
-        out = run_continual(
-            model,
-            tasks,
-            LanceCL(backbone_layers(model), 0.9, 0.95, 3, 3, modes="all"),
-            spec,
-            progress=False,
-        )
-    assert out["tasks"][1]["ranks"]["backbone.5"][0] <= 32
-
-
-def test_run_benchmark_caches_results(tmp_path, monkeypatch):
-    tasks = [tiny_task(0), tiny_task(1, shift=0.5)]
-    monkeypatch.setattr(
-        continual, "load_benchmark", lambda spec, root=None, seed=0: (tasks, {"toy": "found"})
+    out = run_continual(
+        model,
+        tasks,
+        LanceCL(backbone_layers(model), 0.9, 0.95, 3, 3, modes="all"),
+        spec,
+        progress=False,
     )
-    monkeypatch.setattr(continual, "_build_model", lambda spec: tiny_model(spec.num_tasks))
-    kw = dict(epochs=1, results_dir=tmp_path, progress=False, batch_size=32, num_tasks=2)
-    first = run_benchmark("cifar10_mini", "finetune", **kw)
-    files = list(tmp_path.glob("cl-cifar10_mini-finetune-*.json"))
-    assert len(files) == 1
-    assert first["settings"]["epochs"] == 1 and first["datasets"] == {"toy": "found"}
-    assert "definition" in first["memory"]
-
-    def fail(*a, **k):
-        raise AssertionError("recomputed although the results file exists")
-
-    monkeypatch.setattr(continual, "run_continual", fail)
-    assert run_benchmark("cifar10_mini", "finetune", **kw)["acc_matrix"] == first["acc_matrix"]
-
-
-def test_benchmark_errors(tmp_path):
-    with pytest.raises(KeyError, match="unknown benchmark"):
-        run_benchmark("nope", "lance")
-    with pytest.raises(ValueError, match="unknown method"):
-        run_benchmark("cifar10_mini", "ewc")
-    with pytest.raises(TypeError, match="unknown overrides"):
-        run_benchmark("cifar10_mini", "lance", learning_rate=1.0)
-    with pytest.raises(DatasetNotFoundError, match="none of"):
-        continual.load_benchmark(BENCHMARKS["five_datasets"], root=tmp_path)
-    spec = BENCHMARKS["split_cifar100"]
-    assert (spec.lr, spec.min_lr, spec.lr_factor, spec.patience, spec.epochs) == (
-        0.01,
-        1e-5,
-        2.0,
-        6,
-        200,
-    )
-    assert (BENCHMARKS["five_datasets"].eps_cl, BENCHMARKS["split_miniimagenet"].eps_cl) == (
-        0.97,
-        0.985,
-    )
+    assert out["layer_ranks"][1]["backbone.5"][0] <= 32

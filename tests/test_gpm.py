@@ -1,4 +1,4 @@
-"""GPM baseline: representation matrices, basis growth, gradient projection."""
+"""GPM baseline: representation matrices, per-layer samples, basis growth, projection."""
 
 from __future__ import annotations
 
@@ -7,10 +7,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lance_lib.baselines.gpm import GPM, project_gradients, representation_matrices, update_bases
-from lance_lib.models import MultiHead
+from lance_lib.continual import BENCHMARKS, backbone_layers
+from lance_lib.continual.gpm import (
+    GPM,
+    REFERENCE_SAMPLES,
+    layer_samples,
+    project_gradients,
+    representation_matrices,
+    update_bases,
+)
+from lance_lib.models import MultiHead, build_model
 
-torch.set_num_threads(1)
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    """Small models: one thread is as fast."""
 
 
 def small_model() -> MultiHead:
@@ -64,7 +75,7 @@ def test_projected_steps_leave_stored_directions_untouched():
     model = small_model()
     layers = ["backbone.0", "backbone.3"]
     x0 = torch.randn(16, 2, 5, 5)
-    gpm = GPM(layers, threshold=0.9, threshold_step=0.0, num_samples=16)
+    gpm = GPM(layers, threshold=0.9, threshold_step=0.0, samples=16)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x0, torch.zeros(16).long()))
     gpm.after_task(model, 0, loader)
     assert all(0 < u.shape[1] < u.shape[0] for u in gpm.bases.values())
@@ -106,3 +117,72 @@ def test_threshold_schedule_and_no_projection_on_first_task():
     assert torch.equal(model.backbone[0].weight.grad, g)
     project_gradients(model, gpm.bases)
     assert model.backbone[0].weight.grad.abs().max() < 1e-6
+
+
+def test_each_layer_uses_its_own_number_of_the_drawn_samples():
+    model = small_model()
+    x = torch.randn(5, 2, 5, 5)
+    layers = ["backbone.0", "backbone.3"]
+    mats = representation_matrices(model, x, layers, 0, {"backbone.0": 2, "backbone.3": 4})
+    full = representation_matrices(model, x, layers, 0)
+    assert mats["backbone.0"].shape == (18, 2 * 9)  # the first 2 samples' 3x3 patches
+    assert torch.equal(mats["backbone.0"], full["backbone.0"][:, : 2 * 9])
+    assert torch.equal(mats["backbone.3"], full["backbone.3"][:, :4])
+    # a GPM with per-layer counts draws the largest count and records what each used
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(torch.randn(30, 2, 5, 5), torch.zeros(30).long())
+    )
+    gpm = GPM(layers, threshold=0.9, threshold_step=0.0, samples=[3, 7])
+    gpm.after_task(model, 0, loader)
+    assert gpm.tasks[0]["samples"] == {"backbone.0": 3, "backbone.3": 7}
+    assert gpm.bases["backbone.3"].shape[1] <= 7  # at most one direction per sample
+    with pytest.raises(ValueError, match="one count per layer"):
+        GPM(layers, samples=[3, 7, 9])
+    with pytest.raises(ValueError, match="gpm_samples"):
+        layer_samples([3, 0], layers)
+
+
+def test_reference_sample_counts_per_benchmark_and_layer():
+    # GPM's code: Split CIFAR-100 AlexNet batch_list = [2*12, 100, 100, 125, 125];
+    # 5-Datasets ResNet18 batch_list = [10]*8 + [50]*3 + [100]*6 for the 3x3 convs, each
+    # 1x1 shortcut with its block's first conv's count.
+    alexnet = backbone_layers(build_model("alexnet_cl", 2, num_tasks=2))
+    counts = dict(zip(alexnet, REFERENCE_SAMPLES["alexnet_cl"], strict=True))
+    assert counts == {
+        "backbone.conv1": 24,
+        "backbone.conv2": 100,
+        "backbone.conv3": 100,
+        "backbone.fc1": 125,
+        "backbone.fc2": 125,
+    }
+    resnet = backbone_layers(build_model("reduced_resnet18_cl", 10, num_tasks=2))
+    counts = dict(zip(resnet, REFERENCE_SAMPLES["reduced_resnet18_cl"], strict=True))
+    three_by_three = [n for n in resnet if "shortcut" not in n]
+    assert [counts[n] for n in three_by_three] == [10] * 8 + [50] * 3 + [100] * 6
+    for block, first in [("layer2", 10), ("layer3", 50), ("layer4", 100)]:
+        assert counts[f"backbone.{block}.0.shortcut.0"] == counts[f"backbone.{block}.0.conv1"]
+        assert counts[f"backbone.{block}.0.shortcut.0"] == first
+    for name, model in [
+        ("split_cifar100", "alexnet_cl"),
+        ("cifar10_mini", "alexnet_cl"),
+        ("split_miniimagenet", "reduced_resnet18_cl"),
+        ("five_datasets", "reduced_resnet18_cl"),
+        ("five_datasets_nosvhn", "reduced_resnet18_cl"),
+    ]:
+        assert BENCHMARKS[name].gpm_samples == REFERENCE_SAMPLES[model], name
+        gpm = GPM.from_spec(BENCHMARKS[name], build_model(model, 2, num_tasks=2), seed=0)
+        assert list(gpm.samples.values()) == list(REFERENCE_SAMPLES[model])
+
+
+def test_projection_matrices_are_the_papers_gpm_memory_convention():
+    # Table 3's GPM memory on Split CIFAR-100 (22.27 MB) is the n x n projection
+    # matrices U U^T of AlexNet's five layers in float32.
+    model = build_model("alexnet_cl", 10, num_tasks=10)
+    modules = dict(model.named_modules())
+    n = [modules[name].weight[0].numel() for name in backbone_layers(model)]
+    assert n == [48, 576, 512, 1024, 2048]
+    gpm = GPM(backbone_layers(model))
+    gpm.bases = {
+        name: torch.zeros(k, 1, dtype=torch.float64) for name, k in zip(gpm.layers, n, strict=True)
+    }
+    assert gpm.report()["memory"]["projection_matrices_mb"] == pytest.approx(22.27, abs=0.005)
