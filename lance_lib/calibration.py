@@ -16,10 +16,12 @@ mode's full size.
 
 from __future__ import annotations
 
+import itertools
 import os
-import tempfile
+import pickle
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import zipfile
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,14 +30,20 @@ import torch
 from torch import nn
 
 from .hosvd import ModeCovariance, check_eps, leading_subspace
+from .io import atomic_write
+from .validation import check_choice, check_int
 
 __all__ = [
     "MODE_NAMES",
     "LayerSubspace",
     "Modes",
     "Subspaces",
+    "SUBSPACES_FORMAT",
     "calibrate",
+    "calibration_batches",
     "canonical_modes",
+    "check_compressible",
+    "check_model_materialised",
     "check_modes",
     "collect_covariances",
     "feature_mode",
@@ -45,6 +53,10 @@ __all__ = [
 ]
 
 COMPRESSIBLE = (nn.Conv2d, nn.Linear)
+#: The ``format`` tag of the files :meth:`Subspaces.save` writes.
+SUBSPACES_FORMAT = "lance-subspaces/1"
+#: Rank rules with a continual-learning memory (:func:`lance_lib.hosvd.leading_subspace`).
+MEMORY_RULES = ("eq5", "eq3")
 
 
 @dataclass
@@ -89,7 +101,10 @@ class Subspaces(Mapping[str, LayerSubspace]):
     """Calibrated subspaces of several layers, keyed by module name.
 
     Save with :meth:`save`, load with :meth:`load`.  ``settings`` records how the
-    subspaces were calibrated (eps, number of batches, modes).
+    subspaces were calibrated: ``eps``, ``modes``, ``memory_rule``,
+    ``num_batches`` (the batches actually folded into Eq. (2)) and
+    ``num_batches_requested`` (the ``num_batches`` asked for; larger when the loader
+    ran out first).
     """
 
     layers: dict[str, LayerSubspace]
@@ -105,11 +120,9 @@ class Subspaces(Mapping[str, LayerSubspace]):
         return len(self.layers)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write all subspaces to one file, atomically (temporary file + rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        """Write all subspaces to one file, atomically (:func:`lance_lib.io.atomic_write`)."""
         payload = {
-            "format": "lance-subspaces/1",
+            "format": SUBSPACES_FORMAT,
             "settings": self.settings,
             "layers": {
                 name: {
@@ -122,32 +135,84 @@ class Subspaces(Mapping[str, LayerSubspace]):
                 for name, s in self.layers.items()
             },
         }
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save(payload, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        atomic_write(path, lambda handle: torch.save(payload, handle), binary=True)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Subspaces:
-        """Read subspaces written by :meth:`save`."""
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        if payload.get("format") != "lance-subspaces/1":
-            raise ValueError(f"{path} is not a LANCE subspaces file")
-        layers = {
-            name: LayerSubspace(
-                factors=list(d["factors"]),
-                ranks=[int(r) for r in d["ranks"]],
-                energy=[float(e) for e in d["energy"]],
-                input_shape=tuple(d["input_shape"]),
-                kind=d["kind"],
+        """Read subspaces written by :meth:`save`.
+
+        Only tensors and plain containers are unpickled (``torch.load`` with
+        ``weights_only=True``): a subspaces file never needs more.
+
+        Raises
+        ------
+        FileNotFoundError
+            No file at ``path``.
+        ValueError
+            The file is not one :meth:`save` wrote: not a PyTorch file (e.g. JSON
+            text), a bare tensor or another object, another ``format``, or a
+            mapping without ``layers`` / ``settings`` or with malformed layer
+            entries; the message names the file, what it holds and the fix.
+        """
+        path = Path(path)
+        fix = "give the path of a file written by Subspaces.save, or calibrate again"
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise
+        except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile) as error:
+            raise ValueError(
+                f"{str(path)!r} is not a LANCE subspaces file: it holds {_describe_file(path)} "
+                f"({type(error).__name__}); {fix}"
+            ) from None
+        if not isinstance(payload, Mapping):
+            raise ValueError(
+                f"{str(path)!r} is not a LANCE subspaces file: it holds a "
+                f"{type(payload).__name__}, not the mapping Subspaces.save writes; {fix}"
             )
-            for name, d in payload["layers"].items()
-        }
-        return cls(layers, payload["settings"])
+        if payload.get("format") != SUBSPACES_FORMAT:
+            raise ValueError(
+                f"{str(path)!r} is not a LANCE subspaces file: its format is "
+                f"{payload.get('format')!r}, expected {SUBSPACES_FORMAT!r} (keys: "
+                f"{sorted(map(str, payload))}); {fix}"
+            )
+        missing = [key for key in ("layers", "settings") if key not in payload]
+        if missing or not isinstance(payload["layers"], Mapping):
+            raise ValueError(
+                f"{str(path)!r} is a truncated or edited LANCE subspaces file: it lacks "
+                f"{missing or ['a layers mapping']}; {fix}"
+            )
+        layers = {}
+        for name, d in payload["layers"].items():
+            try:
+                layers[name] = LayerSubspace(
+                    factors=list(d["factors"]),
+                    ranks=[int(r) for r in d["ranks"]],
+                    energy=[float(e) for e in d["energy"]],
+                    input_shape=tuple(int(n) for n in d["input_shape"]),
+                    kind=d["kind"],
+                )
+            except (KeyError, TypeError, ValueError) as error:
+                raise ValueError(
+                    f"{str(path)!r}: the entry of layer {name!r} is malformed "
+                    f"({type(error).__name__}: {error}); {fix}"
+                ) from None
+        return cls(layers, dict(payload["settings"]))
+
+
+def _describe_file(path: Path) -> str:
+    """A few words on what a file that ``torch.load`` refused holds (for messages)."""
+    with open(path, "rb") as handle:
+        head = handle.read(64)
+    if not head:
+        return "nothing (an empty file)"
+    if head.startswith(b"PK"):
+        return "a PyTorch archive with objects other than tensors and plain containers"
+    if head.lstrip()[:1] in (b"{", b"["):
+        return "JSON text"
+    if all(32 <= b < 127 or b in b"\t\r\n" for b in head):
+        return "text"
+    return "binary data that is not a PyTorch file"
 
 
 def feature_mode(module: nn.Module, ndim: int) -> int:
@@ -163,16 +228,32 @@ def resolve_layers(model: nn.Module, layers: Iterable[str] | str) -> dict[str, n
 
     Raises
     ------
+    TypeError
+        ``layers`` is neither a name nor an iterable of names.
+    ValueError
+        ``layers`` is empty.
     KeyError
         If a name is not a module of ``model`` or is not a Conv2d / Linear.
     """
-    names = [layers] if isinstance(layers, str) else list(layers)
+    if isinstance(layers, str):
+        names = [layers]
+    else:
+        try:
+            names = list(layers)
+        except TypeError:
+            raise TypeError(
+                f"layers must be a layer name or a list of names (as in "
+                f"model.named_modules()), got {layers!r}; e.g. layers=['layer4.1.conv2']"
+            ) from None
     if not names:
-        raise ValueError("no layers given to calibrate/compress")
+        raise ValueError(
+            "no layers given to calibrate/compress; name at least one Conv2d or Linear "
+            "module, e.g. layers=['layer4.1.conv2']"
+        )
     modules = dict(model.named_modules())
     out: dict[str, nn.Module] = {}
     for name in names:
-        module = modules.get(name)
+        module = modules.get(name) if isinstance(name, str) else None
         if module is None or not isinstance(module, COMPRESSIBLE):
             candidates = [n for n, m in modules.items() if isinstance(m, COMPRESSIBLE)]
             why = (
@@ -189,10 +270,99 @@ def resolve_layers(model: nn.Module, layers: Iterable[str] | str) -> dict[str, n
     return out
 
 
+def check_compressible(name: str, module: nn.Module) -> None:
+    """Raise if :func:`lance_lib.layers.compress` cannot swap ``module`` for a LANCE layer.
+
+    Called by :func:`calibrate` before any batch runs and by ``compress`` before any
+    layer is swapped, so that both reject the same layers, with the same reason.
+
+    Raises
+    ------
+    ValueError
+        A Conv2d whose ``padding_mode`` is not ``"zeros"`` (reflect, replicate and
+        circular padding copy input pixels, which the core-only backward of Eq. (4)
+        does not model), or whose ``padding`` is a string other than ``"valid"``
+        (``"same"`` may pad asymmetrically); the message names the layer and the fix.
+    """
+    if not isinstance(module, nn.Conv2d):
+        return
+    if module.padding_mode != "zeros":
+        raise ValueError(
+            f"layer {name!r}: padding_mode={module.padding_mode!r} is not supported by "
+            "LANCE's compressed Conv2d (only zero padding); use padding_mode='zeros' for "
+            "this layer, or leave it out of layers"
+        )
+    if isinstance(module.padding, str) and module.padding != "valid":
+        kernel = tuple(module.kernel_size)
+        explicit = tuple(d * (k - 1) // 2 for d, k in zip(module.dilation, kernel, strict=True))
+        raise ValueError(
+            f"layer {name!r}: padding={module.padding!r} is not supported by LANCE's "
+            f"compressed Conv2d; give explicit padding (padding={explicit} for its "
+            f"{kernel} kernel and odd sizes), or leave the layer out of layers"
+        )
+
+
+def check_model_materialised(model: nn.Module) -> None:
+    """Raise if ``model`` holds parameters or buffers without data (``meta``, lazy modules).
+
+    Raises
+    ------
+    ValueError
+        The message names the first such tensor and how to give it data.
+    """
+    tensors = itertools.chain(model.named_parameters(), model.named_buffers())
+    for name, tensor in tensors:
+        if isinstance(tensor, nn.parameter.UninitializedTensorMixin):
+            raise ValueError(
+                f"model has an uninitialised lazy tensor {name!r}; run one forward pass "
+                "on a real batch first (or build the model with explicit sizes)"
+            )
+        if tensor.is_meta:
+            raise ValueError(
+                f"model tensor {name!r} is on the 'meta' device (a shape without data); "
+                "give the model real weights first, e.g. model.to_empty(device='cpu') then "
+                "model.load_state_dict(...), or build it on 'cpu' / 'cuda'"
+            )
+
+
 def _default_forward(model: nn.Module, batch: Any) -> Any:
-    x = batch[0] if isinstance(batch, (list, tuple)) else batch
+    """``model(batch[0])`` for ``(inputs, targets)`` batches, ``model(batch)`` for tensors."""
+    x = batch[0] if isinstance(batch, (list, tuple)) and batch else batch
+    if not isinstance(x, torch.Tensor):
+        held = type(batch).__name__ + (
+            "" if x is batch else f" whose first item is a {type(x).__name__}"
+        )
+        key = repr(next(iter(batch))) if isinstance(batch, Mapping) and batch else "'image'"
+        raise TypeError(
+            f"a calibration batch is a {held}; without forward= a batch must be a tensor "
+            f"or an (inputs, targets) tuple. Pass forward= to map a batch to the model "
+            f"input, e.g. forward=lambda model, batch: model(batch[{key}])"
+        )
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     return model(x.to(device))
+
+
+def calibration_batches(loader: Iterable[Any], num_batches: int) -> Iterator[Any]:
+    """The first ``num_batches`` items of ``loader``, never touching the next one.
+
+    ``itertools.islice`` asks ``loader``'s iterator for exactly ``num_batches`` items
+    (fewer when it runs out), so a loader whose next item blocks, raises or is
+    expensive is left alone, and an iterator passed in keeps its remaining items.
+    (A ``DataLoader`` with worker processes still prefetches on its own.)
+
+    Raises
+    ------
+    TypeError
+        ``loader`` is not iterable.
+    """
+    try:
+        iterator = iter(loader)
+    except TypeError:
+        raise TypeError(
+            f"loader must be an iterable of batches (a DataLoader, a list or a generator "
+            f"of (inputs, targets) tuples or tensors), got {type(loader).__name__}"
+        ) from None
+    return itertools.islice(iterator, num_batches)
 
 
 Modes = Sequence[int] | Mapping[str, Any] | str | None
@@ -314,7 +484,8 @@ def collect_covariances(
     """Running mode covariances (Eq. 2) of the chosen layers' inputs over ``num_batches``.
 
     The model runs in eval mode under ``torch.no_grad()``; its parameters, buffers and
-    per-module training flags are left as they were.
+    per-module training flags are left as they were.  Exactly ``num_batches`` items
+    are taken from ``loader`` (:func:`calibration_batches`), fewer if it runs out.
 
     Parameters
     ----------
@@ -329,16 +500,46 @@ def collect_covariances(
 
     Raises
     ------
+    TypeError
+        ``num_batches`` is not an integer; ``loader`` is not iterable; ``forward`` is
+        not callable; a batch the default forward cannot run (e.g. a dict: pass
+        ``forward=``).
     ValueError
-        ``num_batches < 1``; a loader that yields no batch; NaN or Inf activations;
-        batches whose shape differs along a calibrated mode (e.g. a short last batch
-        while the batch mode is calibrated).
+        ``num_batches < 1`` or fractional; a model without data (``meta``); a loader
+        that yields no batch; NaN or Inf activations; an unbatched ``(C, H, W)``
+        Conv2d input; batches whose shape differs along a calibrated mode (e.g. a
+        short last batch while the batch mode is calibrated).
     """
-    if int(num_batches) < 1:
-        raise ValueError(f"num_batches must be at least 1, got {num_batches}")
+    num_batches = check_int("num_batches", num_batches, minimum=1)
     targets = resolve_layers(model, layers)
     check_modes(modes, list(targets))
-    forward = forward or _default_forward
+    covs, shapes, _ = _accumulate(model, loader, targets, num_batches, modes, forward)
+    return covs, shapes
+
+
+def _check_forward(forward: Any) -> Callable[[nn.Module, Any], Any]:
+    if forward is None:
+        return _default_forward
+    if not callable(forward):
+        raise TypeError(
+            f"forward must be a function forward(model, batch) that runs one batch, got "
+            f"{forward!r}; e.g. forward=lambda model, batch: model(batch['image'])"
+        )
+    return forward
+
+
+def _accumulate(
+    model: nn.Module,
+    loader: Iterable[Any],
+    targets: Mapping[str, nn.Module],
+    num_batches: int,
+    modes: Modes,
+    forward: Callable[[nn.Module, Any], Any] | None,
+) -> tuple[dict[str, list[ModeCovariance | None]], dict[str, tuple[int, ...]], int]:
+    """:func:`collect_covariances` on checked arguments; also the number of batches used."""
+    forward = _check_forward(forward)
+    check_model_materialised(model)
+    batches = calibration_batches(loader, num_batches)
     covs: dict[str, list[ModeCovariance | None]] = {}
     shapes: dict[str, tuple[int, ...]] = {}
     batch_index = 0
@@ -346,6 +547,13 @@ def collect_covariances(
     def make_hook(name: str) -> Callable[..., None]:
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
             x = inputs[0]
+            if isinstance(module, nn.Conv2d) and x.ndim != 4:
+                raise ValueError(
+                    f"layer {name!r} (Conv2d) received an input of shape {tuple(x.shape)} in "
+                    f"calibration batch {batch_index}; LANCE calibrates batched "
+                    "(B, C, H, W) inputs (Eq. 1 has a batch mode): add the batch dimension "
+                    "(x.unsqueeze(0)) or batch the data with a DataLoader"
+                )
             if not torch.isfinite(x).all():
                 raise ValueError(
                     f"layer {name!r} received NaN or Inf activations in calibration batch "
@@ -384,9 +592,7 @@ def collect_covariances(
     try:
         model.eval()
         with torch.no_grad():
-            for batch in loader:
-                if batch_index >= num_batches:
-                    break
+            for batch in batches:
                 forward(model, batch)
                 batch_index += 1
     finally:
@@ -395,16 +601,42 @@ def collect_covariances(
         for m, flag in flags.items():
             m.training = flag
     if batch_index == 0:
-        raise ValueError("the calibration loader yielded no batches")
+        raise ValueError(
+            "the calibration loader yielded no batches; pass a loader with at least one "
+            "batch (a DataLoader with drop_last=True and fewer samples than batch_size is "
+            "empty)"
+        )
     missing = [n for n in targets if n not in covs]
     if missing:
-        raise ValueError(f"layers {missing} were never called during calibration forward passes")
+        raise ValueError(
+            f"layers {missing} were never called during calibration forward passes; name "
+            "layers the forward pass reaches (or pass forward= to run the part of the "
+            "model that holds them)"
+        )
     if batch_index < num_batches:
         warnings.warn(
-            f"calibration loader ran out after {batch_index} of {num_batches} batches",
-            stacklevel=2,
+            f"calibration loader ran out after {batch_index} of num_batches={num_batches} "
+            f"batches; the subspaces record num_batches={batch_index} (the batches used) "
+            f"and num_batches_requested={num_batches}",
+            stacklevel=3,
         )
-    return covs, shapes
+    return covs, shapes, batch_index
+
+
+def _check_memory(memory: Any, targets: Mapping[str, nn.Module]) -> None:
+    if memory is None:
+        return
+    if not isinstance(memory, Mapping):
+        raise TypeError(
+            f"memory must map layer names to (n, m) orthonormal tensors, got "
+            f"{type(memory).__name__}; e.g. memory={{{next(iter(targets))!r}: M}}"
+        )
+    for name, m in memory.items():
+        if not isinstance(m, torch.Tensor) or m.ndim != 2:
+            raise TypeError(
+                f"memory[{name!r}] must be an (n, m) tensor of orthonormal columns, got "
+                f"{type(m).__name__}{'' if not isinstance(m, torch.Tensor) else tuple(m.shape)}"
+            )
 
 
 def calibrate(
@@ -433,13 +665,20 @@ def calibrate(
         flags are as before the call.  It runs in eval mode during calibration, the
         mode in which fine-tuning keeps its BatchNorm layers.
     loader
-        Iterable of batches; ``(inputs, targets)`` tuples or bare input tensors.
+        Any iterable of batches (a ``DataLoader``, a list, a generator, an iterator);
+        ``(inputs, targets)`` tuples or bare input tensors, or anything else with
+        ``forward``.  Exactly ``num_batches`` items are taken from it (the next item
+        is never requested: :func:`calibration_batches`).
     layers
-        Names of Conv2d / Linear modules (as in ``model.named_modules()``).
+        Names of Conv2d / Linear modules (as in ``model.named_modules()``).  Conv2d
+        layers must be ones :func:`lance_lib.layers.compress` accepts
+        (:func:`check_compressible`: zero padding, no ``padding='same'``).
     eps
         Energy threshold in (0, 1] (Table 4: 0.7).  ``eps = 1`` keeps every direction.
     num_batches
-        ``N``, the number of calibration batches (Table 4: 100); at least 1.
+        ``N``, the number of calibration batches (Table 4: 100); a whole number, at
+        least 1.  A loader that runs out first gives fewer (with a warning); the
+        number used is ``settings["num_batches"]`` of the result.
     modes
         Input modes to compress: indices (negative allowed), e.g. ``(0, 1, 2, 3)`` for
         ``(B, C, H, W)``; ``"all"``; ``"no_batch"`` (every mode but the batch mode, so
@@ -457,17 +696,35 @@ def calibrate(
         Rank rule with a memory, ``"eq5"`` or ``"eq3"``; see
         :func:`lance_lib.hosvd.leading_subspace`.
     forward
-        ``forward(model, batch)`` runs one batch; default ``model(batch[0])``.
+        ``forward(model, batch)`` runs one batch; default ``model(batch[0])`` for
+        tuples and lists, ``model(batch)`` for tensors (on the model's device).
 
     Returns
     -------
     Subspaces
         Factors, ranks and captured energy per layer, in the order of the input's
-        modes (``None`` for uncompressed modes).
+        modes (``None`` for uncompressed modes); ``settings`` holds ``eps``,
+        ``num_batches`` (used), ``num_batches_requested``, ``modes`` and
+        ``memory_rule``.
+
+    Raises
+    ------
+    TypeError, ValueError, KeyError
+        Every argument is checked before the first batch runs (bad ``eps``,
+        ``num_batches``, ``memory_rule``, ``memory``, ``forward`` or ``modes``; unknown
+        layers; layers ``compress`` would reject; a model on the ``meta`` device); the
+        message names the argument, the value and the fix.  Errors found while the
+        batches run are those of :func:`collect_covariances`.
     """
     eps = check_eps(eps)
-    covs, shapes = collect_covariances(model, loader, layers, num_batches, modes, forward)
+    num_batches = check_int("num_batches", num_batches, minimum=1)
+    check_choice("memory_rule", memory_rule, MEMORY_RULES)
     targets = resolve_layers(model, layers)
+    for name, module in targets.items():
+        check_compressible(name, module)
+    check_modes(modes, list(targets))
+    _check_memory(memory, targets)
+    covs, shapes, used = _accumulate(model, loader, targets, num_batches, modes, forward)
     result: dict[str, LayerSubspace] = {}
     for name, mode_covs in covs.items():
         shape = shapes[name]
@@ -482,6 +739,11 @@ def calibrate(
                 energy.append(1.0)
                 continue
             mem = memory.get(name) if memory is not None and i == dmode else None
+            if mem is not None and mem.shape[0] != cov.size:
+                raise ValueError(
+                    f"memory[{name!r}] has {mem.shape[0]} rows, but the layer's input feature "
+                    f"mode {i} has size {cov.size}; pass the memory built for this layer"
+                )
             try:
                 sub = leading_subspace(cov.cov, eps, mem, memory_rule)
             except ValueError as err:
@@ -502,7 +764,8 @@ def calibrate(
         )
     settings = {
         "eps": eps,
-        "num_batches": int(num_batches),
+        "num_batches": used,
+        "num_batches_requested": num_batches,
         "modes": modes_jsonable(modes),
         "memory_rule": memory_rule if memory is not None else None,
     }

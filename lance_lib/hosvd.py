@@ -25,6 +25,8 @@ import tensorly as tl
 import torch
 from tensorly import tenalg
 
+from .validation import check_real
+
 tl.set_backend("pytorch")
 
 __all__ = [
@@ -44,18 +46,29 @@ __all__ = [
 def check_eps(eps: float, name: str = "eps") -> float:
     """Return ``eps`` as a float after checking that it lies in (0, 1].
 
+    Parameters
+    ----------
+    eps
+        The energy threshold of Eq. (3) (or Eq. (5) for ``eps_cl``).
+    name
+        The argument's name, used in the error.
+
     Raises
     ------
+    TypeError
+        ``eps`` is not a real number (``None``, a string, a bool); the message names
+        ``name`` and a value that works.
     ValueError
-        If ``eps`` is not a finite number in (0, 1].
+        ``eps`` is not a finite number in (0, 1].
     """
-    eps = float(eps)
-    if not (0.0 < eps <= 1.0):
-        raise ValueError(
-            f"{name} must lie in (0, 1] (the fraction of activation energy kept, Eq. (3)); "
-            f"got {eps}"
-        )
-    return eps
+    return check_real(
+        name,
+        eps,
+        low=0,
+        high=1,
+        low_open=True,
+        hint=f"it is the fraction of activation energy kept, Eq. (3); e.g. {name}=0.7",
+    )
 
 
 def unfold(x: torch.Tensor, mode: int) -> torch.Tensor:

@@ -43,20 +43,21 @@ are unaffected.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .calibration import LayerSubspace, Subspaces, resolve_layers
+from .calibration import LayerSubspace, Subspaces, check_compressible, resolve_layers
 from .hosvd import project, reconstruct
 
 __all__ = [
     "LanceConv2d",
     "LanceLinear",
     "check_input_shape",
+    "check_subspace_fits",
     "compress",
     "compressed",
     "conv2d_input_grad",
@@ -81,6 +82,12 @@ def check_input_shape(x: torch.Tensor, factors: Factors, layer: str = "layer") -
         raise ValueError(
             f"{layer}: input has {x.ndim} modes {tuple(x.shape)}, but {len(factors)} "
             "factors were calibrated"
+            + (
+                "; a Conv2d takes batched (B, C, H, W) inputs: add the batch dimension "
+                "(x.unsqueeze(0))"
+                if len(factors) == 4 and x.ndim == 3
+                else "; recalibrate on inputs of this shape"
+            )
         )
     for i, u in enumerate(factors):
         if u is not None and u.shape[0] != x.shape[i]:
@@ -313,13 +320,9 @@ class LanceConv2d(_LanceMixin, nn.Conv2d):
     """Conv2d that keeps only the core of its input for backward (LANCE Phase II)."""
 
     def __init__(self, conv: nn.Conv2d, subspace: LayerSubspace, name: str = "") -> None:
-        if conv.padding_mode != "zeros":
-            raise ValueError(f"{name}: only zero padding is supported, got {conv.padding_mode!r}")
-        padding = conv.padding
-        if padding == "valid":
-            padding = (0, 0)
-        elif isinstance(padding, str):
-            raise ValueError(f"{name}: padding={padding!r} is not supported; give explicit padding")
+        check_compressible(name, conv)
+        check_subspace_fits(name, conv, subspace)
+        padding = (0, 0) if conv.padding == "valid" else conv.padding
         nn.Conv2d.__init__(
             self,
             conv.in_channels,
@@ -352,6 +355,7 @@ class LanceLinear(_LanceMixin, nn.Linear):
     """Linear layer that keeps only the core of its input for backward (LANCE Phase II)."""
 
     def __init__(self, linear: nn.Linear, subspace: LayerSubspace, name: str = "") -> None:
+        check_subspace_fits(name, linear, subspace)
         nn.Linear.__init__(
             self, linear.in_features, linear.out_features, linear.bias is not None, device="meta"
         )
@@ -374,11 +378,57 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def check_subspace_fits(name: str, module: nn.Module, subspace: LayerSubspace) -> None:
+    """Raise if ``subspace`` was not calibrated for a layer like ``module``.
+
+    The kind (Conv2d or Linear), the number of input modes (4 for Conv2d) and the size
+    of the feature mode (input channels or features) must match: factors calibrated
+    for another layer would fail, or silently mix the wrong directions, in the first
+    forward pass.
+
+    Raises
+    ------
+    TypeError
+        ``subspace`` is not a :class:`~lance_lib.calibration.LayerSubspace`, or its
+        kind differs from the module's.
+    ValueError
+        The modes or the feature size differ; the message names the layer and the fix.
+    """
+    if not isinstance(subspace, LayerSubspace):
+        raise TypeError(
+            f"layer {name!r}: expected a LayerSubspace (an entry of calibrate()'s "
+            f"result), got {type(subspace).__name__}"
+        )
+    conv = isinstance(module, nn.Conv2d)
+    if conv != (subspace.kind == "conv2d"):
+        raise TypeError(
+            f"layer {name!r} is a {type(module).__name__}, calibrated as {subspace.kind}; "
+            "calibrate this model's layers, or pass the subspaces calibrated for it"
+        )
+    ndim = len(subspace.input_shape)
+    if len(subspace.factors) != ndim or (conv and ndim != 4):
+        raise ValueError(
+            f"layer {name!r}: the subspace has {len(subspace.factors)} factors for a "
+            f"{ndim}-mode input {subspace.input_shape}; recalibrate it with calibrate()"
+        )
+    expected = module.in_channels if conv else module.in_features
+    got = subspace.input_shape[1 if conv else -1]
+    if got != expected:
+        raise ValueError(
+            f"layer {name!r} takes {expected} input {'channels' if conv else 'features'}, "
+            f"but its subspace was calibrated on inputs with {got} ({subspace.input_shape}); "
+            "calibrate this model's layer, or pass the subspaces calibrated for it"
+        )
+
+
 def compress(model: nn.Module, subspaces: Subspaces, lean: bool = False) -> nn.Module:
     """Replace the calibrated Conv2d / Linear modules of ``model`` by LANCE versions.
 
-    In place; returns ``model``.  Every layer named in ``subspaces`` must exist and be
-    of the kind it was calibrated as.  Already compressed layers are first restored.
+    In place; returns ``model``.  Every layer named in ``subspaces`` must exist, be
+    one LANCE can compress (:func:`~lance_lib.calibration.check_compressible`) and fit
+    its subspace (:func:`check_subspace_fits`).  Already compressed layers are first
+    restored.  All layers are swapped or none: every layer is checked and its LANCE
+    version built before the first swap, so an error leaves ``model`` as it was.
 
     With ``lean=True`` the layers around them are also swapped for their exact lean
     companions (:func:`lance_lib.lean.make_lean`): ReLU / ReLU6 keep a 1-bit mask
@@ -386,19 +436,33 @@ def compress(model: nn.Module, subspaces: Subspaces, lean: bool = False) -> nn.M
     keeps only a per-channel scale, so the whole trainable region - not only the
     compressed layers' inputs - keeps little for backward.  Gradients are unchanged.
     ``lean=False`` undoes earlier lean swaps, if any.
+
+    Raises
+    ------
+    TypeError
+        ``subspaces`` is not a mapping of :class:`~lance_lib.calibration.LayerSubspace`,
+        or a layer is of another kind than it was calibrated as.
+    KeyError, ValueError
+        A layer that does not exist, cannot be compressed, or does not fit its
+        subspace; ``model`` is left unchanged.
     """
     from . import lean as lean_module  # imported lazily: no import cycle through layers
 
+    if not isinstance(subspaces, Mapping):
+        raise TypeError(
+            f"subspaces must be the result of calibrate() (a Subspaces mapping of layer "
+            f"names to LayerSubspace), got {type(subspaces).__name__}"
+        )
     modules = resolve_layers(model, list(subspaces))
+    replacements: dict[str, nn.Module] = {}
     for name, module in modules.items():
         sub = subspaces[name]
         original = getattr(module, "_original", module)
-        if isinstance(original, nn.Conv2d) != (sub.kind == "conv2d"):
-            raise TypeError(
-                f"layer {name!r} is a {type(original).__name__}, calibrated as {sub.kind}"
-            )
+        check_subspace_fits(name, original, sub)
         cls = LanceConv2d if sub.kind == "conv2d" else LanceLinear
-        set_submodule(model, name, cls(original, sub, name))
+        replacements[name] = cls(original, sub, name)
+    for name, module in replacements.items():
+        set_submodule(model, name, module)
     if lean:
         lean_module.make_lean(model)
     else:
