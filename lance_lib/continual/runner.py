@@ -125,6 +125,8 @@ class ContinualConfig(ExperimentConfig):
 
     kind: ClassVar[str] = "continual"
     record_format: ClassVar[int] = 2
+    #: The fields a complete record holds (what the cache and the grid require).
+    record_fields: ClassVar[tuple[str, ...]] = RECORD_FIELDS
 
     benchmark: str
     method: str
@@ -229,7 +231,7 @@ def run_continual_experiment(
         path,
         settings,
         compute,
-        required=RECORD_FIELDS,
+        required=config.record_fields,
         force=force,
         provenance_extra={"seeds": config.seed, "device": device},
     )

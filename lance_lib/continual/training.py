@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -242,7 +243,7 @@ def _fit(
 ) -> dict[str, Any]:
     """Epochs of :func:`train_epoch` under the :class:`PlateauSchedule`; best model restored."""
     schedule = PlateauSchedule(optimizer, spec.lr, spec.lr_factor, spec.patience, spec.min_lr)
-    epochs_run = 0
+    epochs_run, train_seconds, start = 0, 0.0, time.perf_counter()
     bar = progress_bar(range(spec.epochs), progress=progress, desc=desc)
     for _ in bar:
         model.train()
@@ -256,6 +257,7 @@ def _fit(
             max_steps=spec.max_steps,
         )
         epochs_run += 1
+        train_seconds += stats.seconds
         loss = val_loss()
         bar.set_postfix(
             train_loss=f"{stats.loss:.3f}", val_loss=f"{loss:.3f}", lr=f"{schedule.lr:.1e}"
@@ -268,6 +270,8 @@ def _fit(
         "last_train_loss": stats.loss,
         "best_val_loss": schedule.best_loss,
         "final_lr": schedule.lr,
+        "train_seconds": train_seconds,
+        "seconds": time.perf_counter() - start,
     }
 
 
@@ -312,7 +316,8 @@ def run_continual(
     dict
         ``acc_matrix`` (``T x T``, zeros above the diagonal), ``ACC``, ``BWT``,
         ``training`` (per task: epochs run, the last epoch's mean training loss, the
-        best validation loss and the final lr),
+        best validation loss, the final lr, the seconds spent in training steps and in
+        the whole task with its validations),
         ``layer_ranks`` (per task, ``{layer: [rank per mode]}`` of the activation each
         layer keeps for backward), ``frozen_layers`` (per task, the layers whose
         weights could not change) and the strategy's
