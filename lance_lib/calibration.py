@@ -6,31 +6,32 @@ into the running mode covariances of Eq. (2), and truncates each covariance's
 eigenbasis by the energy rule of Eq. (3) (Algorithm 1, lines 2-13).  The result is a
 :class:`Subspaces` mapping from layer name to :class:`LayerSubspace`.
 
-Mode order
-----------
-Factors are listed in the order of the layer input's modes: ``(B, C, H, W)`` for
-Conv2d and ``(B, ..., features)`` for Linear.  A mode left uncompressed is given as
-``None`` in ``factors`` (the list always has one entry per mode) and its rank is the
-mode's full size.
+The result type lives in :mod:`lance_lib.subspaces` and the mode selections in
+:mod:`lance_lib.modes`; both are re-exported here, where they have always been
+importable from.
 """
 
 from __future__ import annotations
 
 import itertools
-import os
-import pickle
 import warnings
-import zipfile
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
 from .hosvd import ModeCovariance, check_eps, leading_subspace
-from .io import atomic_write
+from .modes import (
+    MODE_NAMES,
+    Modes,
+    canonical_modes,
+    check_modes,
+    feature_mode,
+    modes_jsonable,
+    resolve_modes,
+)
+from .subspaces import SUBSPACES_FORMAT, LayerSubspace, Subspaces
 from .validation import check_choice, check_int
 
 __all__ = [
@@ -53,174 +54,8 @@ __all__ = [
 ]
 
 COMPRESSIBLE = (nn.Conv2d, nn.Linear)
-#: The ``format`` tag of the files :meth:`Subspaces.save` writes.
-SUBSPACES_FORMAT = "lance-subspaces/1"
 #: Rank rules with a continual-learning memory (:func:`lance_lib.hosvd.leading_subspace`).
 MEMORY_RULES = ("eq5", "eq3")
-
-
-@dataclass
-class LayerSubspace:
-    """Calibrated subspaces of one layer's input.
-
-    Attributes
-    ----------
-    factors
-        One entry per input mode: an ``(n_i, r_i)`` orthonormal factor ``U_i``
-        (float64; cast to the layer's dtype by :func:`compress`) or ``None`` for an
-        uncompressed mode.
-    ranks
-        ``r_i`` per mode (``n_i`` for uncompressed modes).
-    energy
-        Fraction of the mode covariance's energy captured per mode (1.0 when
-        uncompressed).
-    input_shape
-        The input shape ``(n_1, ..., n_d)`` seen during calibration.
-    kind
-        ``"conv2d"`` or ``"linear"``.
-    """
-
-    factors: list[torch.Tensor | None]
-    ranks: list[int]
-    energy: list[float]
-    input_shape: tuple[int, ...]
-    kind: str
-
-    @property
-    def modes(self) -> list[int]:
-        """Indices of the compressed modes."""
-        return [i for i, u in enumerate(self.factors) if u is not None]
-
-    def core_shape(self) -> tuple[int, ...]:
-        """Shape of the core tensor ``G`` kept for backward, Eq. (1)."""
-        return tuple(self.ranks)
-
-
-@dataclass
-class Subspaces(Mapping[str, LayerSubspace]):
-    """Calibrated subspaces of several layers, keyed by module name.
-
-    Save with :meth:`save`, load with :meth:`load`.  ``settings`` records how the
-    subspaces were calibrated: ``eps``, ``modes``, ``memory_rule``,
-    ``num_batches`` (the batches actually folded into Eq. (2)) and
-    ``num_batches_requested`` (the ``num_batches`` asked for; larger when the loader
-    ran out first).
-    """
-
-    layers: dict[str, LayerSubspace]
-    settings: dict[str, Any] = field(default_factory=dict)
-
-    def __getitem__(self, name: str) -> LayerSubspace:
-        return self.layers[name]
-
-    def __iter__(self):
-        return iter(self.layers)
-
-    def __len__(self) -> int:
-        return len(self.layers)
-
-    def save(self, path: str | os.PathLike) -> None:
-        """Write all subspaces to one file, atomically (:func:`lance_lib.io.atomic_write`)."""
-        payload = {
-            "format": SUBSPACES_FORMAT,
-            "settings": self.settings,
-            "layers": {
-                name: {
-                    "factors": s.factors,
-                    "ranks": s.ranks,
-                    "energy": s.energy,
-                    "input_shape": list(s.input_shape),
-                    "kind": s.kind,
-                }
-                for name, s in self.layers.items()
-            },
-        }
-        atomic_write(path, lambda handle: torch.save(payload, handle), binary=True)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> Subspaces:
-        """Read subspaces written by :meth:`save`.
-
-        Only tensors and plain containers are unpickled (``torch.load`` with
-        ``weights_only=True``): a subspaces file never needs more.
-
-        Raises
-        ------
-        FileNotFoundError
-            No file at ``path``.
-        ValueError
-            The file is not one :meth:`save` wrote: not a PyTorch file (e.g. JSON
-            text), a bare tensor or another object, another ``format``, or a
-            mapping without ``layers`` / ``settings`` or with malformed layer
-            entries; the message names the file, what it holds and the fix.
-        """
-        path = Path(path)
-        fix = "give the path of a file written by Subspaces.save, or calibrate again"
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise
-        except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile) as error:
-            raise ValueError(
-                f"{str(path)!r} is not a LANCE subspaces file: it holds {_describe_file(path)} "
-                f"({type(error).__name__}); {fix}"
-            ) from None
-        if not isinstance(payload, Mapping):
-            raise ValueError(
-                f"{str(path)!r} is not a LANCE subspaces file: it holds a "
-                f"{type(payload).__name__}, not the mapping Subspaces.save writes; {fix}"
-            )
-        if payload.get("format") != SUBSPACES_FORMAT:
-            raise ValueError(
-                f"{str(path)!r} is not a LANCE subspaces file: its format is "
-                f"{payload.get('format')!r}, expected {SUBSPACES_FORMAT!r} (keys: "
-                f"{sorted(map(str, payload))}); {fix}"
-            )
-        missing = [key for key in ("layers", "settings") if key not in payload]
-        if missing or not isinstance(payload["layers"], Mapping):
-            raise ValueError(
-                f"{str(path)!r} is a truncated or edited LANCE subspaces file: it lacks "
-                f"{missing or ['a layers mapping']}; {fix}"
-            )
-        layers = {}
-        for name, d in payload["layers"].items():
-            try:
-                layers[name] = LayerSubspace(
-                    factors=list(d["factors"]),
-                    ranks=[int(r) for r in d["ranks"]],
-                    energy=[float(e) for e in d["energy"]],
-                    input_shape=tuple(int(n) for n in d["input_shape"]),
-                    kind=d["kind"],
-                )
-            except (KeyError, TypeError, ValueError) as error:
-                raise ValueError(
-                    f"{str(path)!r}: the entry of layer {name!r} is malformed "
-                    f"({type(error).__name__}: {error}); {fix}"
-                ) from None
-        return cls(layers, dict(payload["settings"]))
-
-
-def _describe_file(path: Path) -> str:
-    """A few words on what a file that ``torch.load`` refused holds (for messages)."""
-    with open(path, "rb") as handle:
-        head = handle.read(64)
-    if not head:
-        return "nothing (an empty file)"
-    if head.startswith(b"PK"):
-        return "a PyTorch archive with objects other than tensors and plain containers"
-    if head.lstrip()[:1] in (b"{", b"["):
-        return "JSON text"
-    if all(32 <= b < 127 or b in b"\t\r\n" for b in head):
-        return "text"
-    return "binary data that is not a PyTorch file"
-
-
-def feature_mode(module: nn.Module, ndim: int) -> int:
-    """Index of the input mode the layer's weights act on (mode ``d`` of Sec. 2.3).
-
-    The input channels (mode 1) for Conv2d, the last mode for Linear.
-    """
-    return 1 if isinstance(module, nn.Conv2d) else ndim - 1
 
 
 def resolve_layers(model: nn.Module, layers: Iterable[str] | str) -> dict[str, nn.Module]:
@@ -363,114 +198,6 @@ def calibration_batches(loader: Iterable[Any], num_batches: int) -> Iterator[Any
             f"of (inputs, targets) tuples or tensors), got {type(loader).__name__}"
         ) from None
     return itertools.islice(iterator, num_batches)
-
-
-Modes = Sequence[int] | Mapping[str, Any] | str | None
-
-#: The named mode selections: ``"all"`` (Eq. 1 as written, every mode), ``"no_batch"``
-#: (every mode but the batch mode) and ``"channel"`` (only the mode the weights act on:
-#: the channels of a Conv2d input, the last mode of a Linear input; Theorem 1's scope).
-MODE_NAMES = ("all", "no_batch", "channel")
-
-
-def check_modes(modes: Modes, layers: Sequence[str]) -> None:
-    """Validate ``modes`` once, before any batch runs, for the layers ``layers``.
-
-    Raises
-    ------
-    ValueError
-        A string that is not one of :data:`MODE_NAMES`, or a per-layer mapping that
-        leaves out one of ``layers`` (it would otherwise compress that layer's every
-        mode, the batch mode included, without saying so).
-    TypeError
-        ``modes`` is neither ``None``, a string, a sequence of indices nor a mapping.
-    """
-    if isinstance(modes, Mapping):
-        missing = [name for name in layers if name not in modes]
-        if missing:
-            raise ValueError(
-                f"the modes mapping has no entry for layers {missing}; give every "
-                f"calibrated layer its modes, e.g. {{{missing[0]!r}: 'channel'}}, or pass "
-                "one setting for all layers (modes='channel', 'no_batch' or 'all')"
-            )
-        for value in modes.values():
-            check_modes(value, ())
-        return
-    if modes is None:
-        return
-    if isinstance(modes, str):
-        if modes not in MODE_NAMES:
-            raise ValueError(
-                f"modes={modes!r} is not a mode selection; use one of {MODE_NAMES}, "
-                "mode indices or a per-layer mapping"
-            )
-        return
-    if not isinstance(modes, Sequence) or not all(
-        isinstance(m, int) and not isinstance(m, bool) for m in modes
-    ):
-        raise TypeError(
-            f"modes must be None, one of {MODE_NAMES}, a sequence of mode indices or a "
-            f"per-layer mapping; got {modes!r}"
-        )
-
-
-def canonical_modes(modes: Modes) -> Any:
-    """``modes`` checked and in one spelling: ``None`` -> ``"all"``, indices -> a tuple.
-
-    Settings dataclasses store this form, so equal selections give equal results keys.
-    """
-    check_modes(modes, ())
-    if modes is None:
-        return "all"
-    if isinstance(modes, str):
-        return modes
-    if isinstance(modes, Mapping):
-        return {str(k): canonical_modes(v) for k, v in modes.items()}
-    return tuple(int(m) for m in modes)
-
-
-def modes_jsonable(modes: Modes) -> Any:
-    """``modes`` as JSON-ready values (strings and ``None`` as they are, indices as lists)."""
-    if modes is None or isinstance(modes, str):
-        return modes
-    if isinstance(modes, Mapping):
-        return {str(k): modes_jsonable(v) for k, v in modes.items()}
-    return [int(m) for m in modes]
-
-
-def resolve_modes(modes: Modes, ndim: int, name: str, feature: int) -> list[int]:
-    """Sorted indices of the modes to compress in one layer's ``ndim``-mode input.
-
-    Parameters
-    ----------
-    modes
-        ``None`` / ``"all"`` (every mode), ``"no_batch"`` (every mode but 0),
-        ``"channel"`` (``[feature]`` only), indices (negative allowed) or a mapping
-        from layer name to any of these.
-    ndim
-        Number of modes of the layer's input.
-    name
-        The layer's name (for the mapping and for messages).
-    feature
-        The mode the layer's weights act on (:func:`feature_mode`).
-    """
-    if isinstance(modes, Mapping):
-        if name not in modes:
-            check_modes(modes, [name])
-        modes = modes[name]
-    check_modes(modes, ())
-    if modes is None or modes == "all":
-        return list(range(ndim))
-    if modes == "no_batch":
-        return list(range(1, ndim))
-    if modes == "channel":
-        return [feature % ndim]
-    out = []
-    for m in modes:
-        if not -ndim <= m < ndim:
-            raise ValueError(f"mode {m} does not exist for the {ndim}-mode input of layer {name!r}")
-        out.append(m % ndim)
-    return sorted(set(out))
 
 
 def collect_covariances(

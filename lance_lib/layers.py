@@ -50,8 +50,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .calibration import LayerSubspace, Subspaces, check_compressible, resolve_layers
+from .calibration import check_compressible, resolve_layers
 from .hosvd import project, reconstruct
+from .subspaces import LayerSubspace, Subspaces
 
 __all__ = [
     "LanceConv2d",
@@ -389,7 +390,7 @@ def check_subspace_fits(name: str, module: nn.Module, subspace: LayerSubspace) -
     Raises
     ------
     TypeError
-        ``subspace`` is not a :class:`~lance_lib.calibration.LayerSubspace`, or its
+        ``subspace`` is not a :class:`~lance_lib.subspaces.LayerSubspace`, or its
         kind differs from the module's.
     ValueError
         The modes or the feature size differ; the message names the layer and the fix.
@@ -440,7 +441,7 @@ def compress(model: nn.Module, subspaces: Subspaces, lean: bool = False) -> nn.M
     Raises
     ------
     TypeError
-        ``subspaces`` is not a mapping of :class:`~lance_lib.calibration.LayerSubspace`,
+        ``subspaces`` is not a mapping of :class:`~lance_lib.subspaces.LayerSubspace`,
         or a layer is of another kind than it was calibrated as.
     KeyError, ValueError
         A layer that does not exist, cannot be compressed, or does not fit its
