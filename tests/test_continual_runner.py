@@ -27,6 +27,7 @@ from lance_lib.continual import runner as runner_module
 from lance_lib.data import DatasetNotFoundError
 from lance_lib.experiments.base import experiment_kinds, run_experiment
 from lance_lib.experiments.sweeps import sweep
+from lance_lib.methods import METHOD_TABLE
 from lance_lib.models import MultiHead
 
 
@@ -132,6 +133,7 @@ def test_benchmark_settings_and_missing_datasets(tmp_path):
     with pytest.raises(DatasetNotFoundError, match="svhn.*five_datasets_nosvhn"):
         load_benchmark(BENCHMARKS["five_datasets"], root=tmp_path)
     assert set(STRATEGIES) == {"lance", "gpm", "finetune", "multitask"}
+    assert set(STRATEGIES) <= set(METHOD_TABLE)  # every strategy has a label and colour
 
 
 # ---------------------------------------------------------------------------- the record

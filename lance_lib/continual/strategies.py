@@ -123,6 +123,9 @@ class ContinualStrategy(ABC):
     """A way of learning a sequence of tasks; registered by :func:`register_strategy`."""
 
     name: ClassVar[str] = "strategy"
+    #: The benchmark settings that tell this strategy's variants apart in tables (e.g.
+    #: LANCE's ``memory_rule``); other strategies ignore them.
+    variant_settings: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     @abstractmethod
@@ -238,6 +241,8 @@ class LanceCL(SequentialStrategy):
         The rank rule of mode ``d`` for tasks ``t >= 2``, a key of
         :data:`~lance_lib.continual.memory.NULL_SPACE_RULES` (default ``"residual"``).
     """
+
+    variant_settings = ("memory_rule",)
 
     def __init__(
         self,

@@ -12,16 +12,16 @@ from collections.abc import Mapping
 from typing import Any
 
 from lance_lib.continual.memory import NULL_SPACE_RULES
+from lance_lib.continual.strategies import STRATEGIES
 
-__all__ = ["feature_rank", "record_row", "layer_rank_rows", "variant"]
+__all__ = ["feature_rank", "layer_rank_rows", "record_row", "variant"]
 
 
 def variant(record: Mapping[str, Any]) -> str:
-    """``"lance/<rule>"`` for LANCE (its null-space rank rule), else the method's name."""
-    method = record["method"]
-    if method != "lance":
-        return method
-    return f"lance/{record['settings']['spec']['memory_rule']}"
+    """The method's name, with the settings that tell its variants apart: ``"lance/eq5"``."""
+    spec = record["settings"]["spec"]
+    keys = STRATEGIES[record["method"]].variant_settings
+    return "/".join([record["method"], *(str(spec[k]) for k in keys)])
 
 
 def feature_rank(ranks: list[int]) -> int:
@@ -35,8 +35,8 @@ def record_row(record: Mapping[str, Any]) -> dict[str, Any]:
     Returns
     -------
     dict
-        ``benchmark``, ``method``, ``variant``, ``rule`` (LANCE's rank rule label, else
-        ``None``), ``seed``, ``ACC``, ``BWT``, ``Mem_MB`` (as stored, with
+        ``benchmark``, ``method``, ``variant``, ``rule`` (the null-space rank rule's
+        label for LANCE, else ``None``), ``seed``, ``ACC``, ``BWT``, ``Mem_MB`` (as stored, with
         ``memory_definition``), ``Mem_MB_projection`` (GPM: the ``n x n`` projection
         matrices its code keeps, the convention of the paper's GPM row; others: as
         stored), ``frozen_per_task`` (how many backbone layers each task froze) and
@@ -44,7 +44,8 @@ def record_row(record: Mapping[str, Any]) -> dict[str, Any]:
     """
     memory = record["memory"]
     spec = record["settings"]["spec"]
-    rule = NULL_SPACE_RULES[spec["memory_rule"]].label if record["method"] == "lance" else None
+    reads_rule = "memory_rule" in STRATEGIES[record["method"]].variant_settings
+    rule = NULL_SPACE_RULES[spec["memory_rule"]].label if reads_rule else None
     return {
         "benchmark": record["benchmark"],
         "method": record["method"],
