@@ -43,6 +43,9 @@ build/$(PROFILE)/%.ipynb: notebooks/%.ipynb profiles/$(PROFILE).yaml $(LIBRARY) 
 
 -include $(wildcard build/$(PROFILE)/*.d)
 
+# The claims scorecard reads the other notebooks' records: it runs after all of them.
+build/$(PROFILE)/99_claims_scorecard.ipynb: $(filter-out build/$(PROFILE)/99_claims_scorecard.ipynb,$(EXECUTED))
+
 figures: $(STAMP) $(EXECUTED)
 	@echo "figures/ is up to date for profile $(PROFILE)"
 

@@ -322,3 +322,26 @@ def test_the_grid_finds_the_record_a_reference_run_stored(reference_dir, tmp_pat
     write_reference(reference_dir, "mcunet", seed=1)  # rebuilt weights: the record is stale
     with pytest.warns(CacheWarning, match="weights_sha256"):
         assert find_record(cfg) is None
+
+
+def test_runs_of_one_process_share_the_prefix_cache_without_changing_results(
+    tmp_path, monkeypatch, one_thread
+):
+    """A sweep builds the frozen prefix's outputs once; reuse leaves the numbers as they are."""
+    built = []
+    init = PrefixCache.__init__
+
+    def counting(self, *args, **kwargs):
+        built.append(1)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(PrefixCache, "__init__", counting)
+    finetune_mod._TAIL_SETS.clear()
+    bp = finetune({**TINY, "method": "bp"}, results_dir=tmp_path / "a", progress=False)
+    lance = finetune({**TINY, "method": "lance"}, results_dir=tmp_path / "a", progress=False)
+    assert len(built) == 2  # train and test, built for the first run only
+    finetune_mod._TAIL_SETS.clear()
+    fresh = finetune({**TINY, "method": "lance"}, results_dir=tmp_path / "b", progress=False)
+    assert len(built) == 4
+    assert fresh["accuracy"] == lance["accuracy"] and fresh["angle_deg"] == lance["angle_deg"]
+    assert bp["settings"]["method"] == "bp"

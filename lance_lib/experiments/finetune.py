@@ -23,6 +23,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -85,6 +86,51 @@ def _split_sets(
         subset = class_subset(full, prep.classes.finetune)
         out.append(_limit(subset, cfg.max_samples, cfg.seed))
     return out[0], out[1]
+
+
+#: Prefix caches built in this process, keyed by what they depend on (at most a few: a
+#: notebook's sweep fine-tunes many methods and settings on the same frozen prefix).
+_TAIL_SETS: OrderedDict[tuple, tuple[Any, Any]] = OrderedDict()
+_TAIL_SETS_KEPT = 2
+
+
+def _tail_sets(
+    cfg: FinetuneConfig, prep: Prepared, root: str | os.PathLike | None, progress: bool
+) -> tuple[Any, Any]:
+    """Training and test data of the tail, the prefix outputs reused within the process.
+
+    The cached prefix outputs depend only on the starting weights (their SHA-256), where
+    the network is split, the images (dataset, classes, resolution, ``max_samples`` and
+    the seed that draws them) and the device, never on the method or the training
+    settings; so the runs of one sweep build them once.
+    """
+    key = (
+        prep.weights.sha256,
+        prep.layers[0] if prep.prefix is not None else None,
+        cfg.dataset,
+        str(root),
+        prep.resolution,
+        tuple(prep.classes.finetune),
+        cfg.max_samples,
+        cfg.seed if cfg.max_samples is not None else None,
+        str(prep.device),
+    )
+    if prep.prefix is not None and key in _TAIL_SETS:
+        _TAIL_SETS.move_to_end(key)
+        return _TAIL_SETS[key]
+    train_set, test_set = _split_sets(cfg, prep, root, augment=not cfg.cache_prefix)
+    # Building draws from the global stream (each DataLoader iterator takes a seed from
+    # it); fork it, so that a run computes the same numbers whether it builds or reuses.
+    with torch.random.fork_rng(devices=[prep.device] if prep.device.type == "cuda" else []):
+        sets = (
+            prep.tail_data(train_set, flips=True, progress=progress),
+            prep.tail_data(test_set, flips=False, progress=progress),
+        )
+    if prep.prefix is not None:
+        _TAIL_SETS[key] = sets
+        while len(_TAIL_SETS) > _TAIL_SETS_KEPT:
+            _TAIL_SETS.popitem(last=False)
+    return sets
 
 
 def _num_classes(cfg: FinetuneConfig, root: str | os.PathLike | None) -> int:
@@ -181,9 +227,7 @@ def _run(cfg: FinetuneConfig, root: str | os.PathLike | None, progress: bool) ->
         device=cfg.device,
         progress=progress,
     )
-    train_set, test_set = _split_sets(cfg, prep, root, augment=not cfg.cache_prefix)
-    train_data = prep.tail_data(train_set, flips=True, progress=progress)
-    test_data = prep.tail_data(test_set, flips=False, progress=progress)
+    train_data, test_data = _tail_sets(cfg, prep, root, progress)
     prefix_cache = None
     if prep.prefix is not None:
         prefix_cache = {

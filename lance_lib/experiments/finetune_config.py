@@ -108,7 +108,7 @@ class FinetuneConfig(ExperimentConfig):
     """
 
     kind: ClassVar[str] = "finetune"
-    record_format: ClassVar[int] = 2
+    record_format: ClassVar[int] = 3
 
     model: str = "resnet18"
     dataset: str = "cifar10_mini"
