@@ -47,9 +47,28 @@ asks for a re-run because some prerequisite is newer but the fingerprint is unch
 again; its output is only touched.  The output notebook is written atomically (temporary
 file, then ``os.replace``), so an interrupted run leaves no half-written target and
 ``make`` retries it; the experiments it had finished are in result files keyed by their
-settings (:mod:`lance_lib.results`) and are not recomputed.  A failed run is kept as
-``<output>.failed.ipynb`` for reading.  Beside the output a make dependency file
-``<output stem>.d`` lists the declared inputs.
+settings (:mod:`lance_lib.experiments.cache`) and are not recomputed.  A failed or
+interrupted run is kept as ``<output>.failed.ipynb`` for reading.  Beside the output a
+make dependency file ``<output stem>.d`` lists the declared inputs.
+
+One runner per output
+---------------------
+While it checks and executes a notebook the runner holds an exclusive claim
+``.<output name>.claim`` beside the output (:mod:`lance_lib.experiments.claim`, the
+grid's mechanism). A second runner for the same output (two ``make`` runs, Lab beside
+``make figures``) waits for the first, then finds the output up to date instead of
+executing it again; a claim whose runner died is broken at once on the same machine
+(after 60 s without a heartbeat elsewhere), and the temporary files a killed runner left
+for this output are removed. On the command line SIGTERM is handled like Ctrl-C: the
+kernel is shut down, the partial notebook kept as ``<output>.failed.ipynb`` and the
+claim released.
+
+Bad parameters
+--------------
+A malformed profile (the file and line are named), a malformed ``--set`` value (the
+``--set`` item is named), or a key the notebook does not declare (named as coming from
+the profile or from ``--set``) raises :class:`ParameterError` before any kernel starts;
+the command line reports it as a usage error (exit status 2).
 
 Usage::
 
@@ -64,8 +83,9 @@ import contextlib
 import hashlib
 import json
 import os
+import signal
 import sys
-import tempfile
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -74,16 +94,19 @@ import nbformat
 import yaml
 
 from lance_lib import paths
+from lance_lib.experiments.claim import read_claim, try_claim
 from lance_lib.io import atomic_write, write_text_atomic
 from lance_lib.progress import PROGRESS_ENV
 
 __all__ = [
     "INJECTED",
     "KERNEL_ENV",
+    "ParameterError",
     "fingerprint",
     "load_profile",
     "main",
     "notebook_parameters",
+    "parse_set",
     "profile_parameters",
     "run_notebook",
 ]
@@ -94,6 +117,21 @@ KERNEL = "lance"
 #: Environment of the kernels the runner starts (``PROGRESS_ENV`` only if unset).
 KERNEL_ENV = {"MPLBACKEND": "module://matplotlib_inline.backend_inline", PROGRESS_ENV: "0"}
 _LIBRARY = Path(__file__).resolve().parent
+#: Seconds between two looks at an output claimed by another runner.
+WAIT_POLL_S = 1.0
+
+
+class ParameterError(ValueError):
+    """A profile, a ``--set`` value or the parameters they give a notebook cannot be used."""
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """Where and what the YAML parser found wrong, in one line."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    if mark is None:
+        return problem
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
 
 
 def load_profile(profile: str, profiles_dir: str | os.PathLike | None = None) -> dict[str, Any]:
@@ -103,20 +141,30 @@ def load_profile(profile: str, profiles_dir: str | os.PathLike | None = None) ->
     ------
     FileNotFoundError
         No such profile (the message lists the profiles that exist).
-    ValueError
-        The file is not a mapping of sections, or ``common`` / a section is not a mapping.
+    ParameterError
+        The file is not valid YAML (the message names the file, line and column), is
+        not a mapping of sections, or ``common`` / a section is not a mapping.
     """
     profiles_dir = Path(profiles_dir) if profiles_dir is not None else paths.profiles_dir()
     path = profiles_dir / f"{profile}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in profiles_dir.glob("*.yaml"))
         raise FileNotFoundError(f"no profile {profile!r} at {path}; profiles: {known}")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ParameterError(
+            f"profile {path}, {_yaml_problem(error)}; fix the YAML there (indentation, a "
+            "missing ':' or closing bracket, an unquoted ':' in a value)"
+        ) from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a mapping of sections, got {type(data).__name__}")
+        raise ParameterError(f"{path} must hold a mapping of sections, got {type(data).__name__}")
     for name, section in data.items():
         if section is not None and not isinstance(section, dict):
-            raise ValueError(f"{path}: section {name!r} must be a mapping")
+            raise ParameterError(
+                f"{path}: section {name!r} must be a mapping of parameters, got "
+                f"{type(section).__name__}"
+            )
     return data
 
 
@@ -126,7 +174,7 @@ def _declared(notebook: Path) -> dict[str, Any]:
 
     nb = nbformat.read(notebook, as_version=4)
     if not any("parameters" in c.get("metadata", {}).get("tags", []) for c in nb.cells):
-        raise ValueError(f"{notebook} has no cell tagged 'parameters'")
+        raise ParameterError(f"{notebook} has no cell tagged 'parameters'")
     return pm.inspect_notebook(str(notebook))
 
 
@@ -207,24 +255,27 @@ def notebook_parameters(
 
     Raises
     ------
-    ValueError
+    ParameterError
         A section or override key the notebook does not declare in its ``parameters``
-        cell, or a notebook that does not declare the injected parameters.
+        cell (named as coming from the profile or from ``--set``), a notebook that does
+        not declare the injected parameters, or a malformed profile.
     """
     notebook = Path(notebook)
     declared = _declared(notebook)
     missing = [p for p in INJECTED if p not in declared]
     if missing:
-        raise ValueError(f"{notebook} must declare {missing} in its parameters cell")
+        raise ParameterError(f"{notebook} must declare {missing} in its parameters cell")
     data = load_profile(profile, profiles_dir)
     section, inputs = _section(data, notebook)
-    own = {**section, **dict(overrides or {})}
-    unknown = sorted(set(own) - set(declared))
-    if unknown:
-        raise ValueError(
-            f"profile {profile!r} sets {unknown} for {notebook.name}, which declares only "
-            f"{sorted(declared)} in its parameters cell"
-        )
+    overrides = dict(overrides or {})
+    for origin, keys in (("--set", overrides), (f"profile {profile!r}", section)):
+        unknown = sorted(set(keys) - set(declared))
+        if unknown:
+            raise ParameterError(
+                f"{origin} sets {unknown} for {notebook.name}, which declares only "
+                f"{sorted(declared)} in its parameters cell; set declared names only"
+            )
+    own = {**section, **overrides}
     params = {k: v for k, v in (data.get("common") or {}).items() if k in declared}
     params.update(own)
     params.update(
@@ -315,8 +366,16 @@ def run_notebook(
 
     Raises
     ------
+    ParameterError
+        Bad parameters (see :func:`notebook_parameters`), before any kernel starts.
     papermill.PapermillExecutionError
         A cell failed; the partial notebook is kept as ``<output>.failed.ipynb``.
+
+    Notes
+    -----
+    The check for an up-to-date output and the execution happen under the output's
+    claim (module notes, "One runner per output"): a second call for the same output
+    waits, then returns ``False`` when the first produced the same fingerprint.
     """
     import papermill as pm
     from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
@@ -333,63 +392,112 @@ def run_notebook(
     print_ = sys.stderr.write
     fp = fingerprint(notebook, params, inputs)
     output.parent.mkdir(parents=True, exist_ok=True)
-    if not force and output.is_file():
-        old = nbformat.read(output, as_version=4).metadata.get("lance", {})
-        if old.get("fingerprint") == fp:
-            os.utime(output)
-            _write_depfile(output, inputs)
-            print_(f"{output}: up to date (parameters, inputs and library unchanged)\n")
-            return False
-    try:
-        KernelSpecManager().get_kernel_spec(kernel)
-    except NoSuchKernel:
-        raise RuntimeError(
-            f"no Jupyter kernel named {kernel!r}; run `make venv` or "
-            f"`{sys.executable} -m ipykernel install --sys-prefix --name {kernel}`"
-        ) from None
-    Path(params["outputs_dir"]).mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=output.name + ".", suffix=".tmp.ipynb")
-    os.close(fd)
-    failed = output.with_name(output.stem + ".failed.ipynb")
-    try:
-        with _kernel_environment():
-            pm.execute_notebook(
-                str(notebook),
-                tmp,
-                parameters=params,
-                kernel_name=kernel,
-                log_output=log_output,
-                progress_bar=False,
-                cwd=os.getcwd(),
-            )
-    except BaseException:
-        if os.path.exists(tmp):
-            os.replace(tmp, failed)
-        raise
-    nb = nbformat.read(tmp, as_version=4)
-    os.unlink(tmp)
-    nb.metadata["lance"] = {
-        "fingerprint": fp,
-        "profile": profile,
-        "parameters": params,
-        "inputs": list(inputs),
-    }
-    atomic_write(output, lambda handle: nbformat.write(nb, handle))
-    _write_depfile(output, inputs)
-    if failed.exists():
-        failed.unlink()
+    with _claimed(output):
+        if not force and output.is_file():
+            old = nbformat.read(output, as_version=4).metadata.get("lance", {})
+            if old.get("fingerprint") == fp:
+                os.utime(output)
+                _write_depfile(output, inputs)
+                print_(f"{output}: up to date (parameters, inputs and library unchanged)\n")
+                return False
+        try:
+            KernelSpecManager().get_kernel_spec(kernel)
+        except NoSuchKernel:
+            raise RuntimeError(
+                f"no Jupyter kernel named {kernel!r}; run `make venv` or "
+                f"`{sys.executable} -m ipykernel install --sys-prefix --name {kernel}`"
+            ) from None
+        Path(params["outputs_dir"]).mkdir(parents=True, exist_ok=True)
+        _remove_leftovers(output)
+        tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp.ipynb")  # papermill writes it
+        failed = output.with_name(output.stem + ".failed.ipynb")
+        try:
+            with _kernel_environment():
+                pm.execute_notebook(
+                    str(notebook),
+                    str(tmp),
+                    parameters=params,
+                    kernel_name=kernel,
+                    log_output=log_output,
+                    progress_bar=False,
+                    cwd=os.getcwd(),
+                )
+        except BaseException:
+            if tmp.exists():
+                os.replace(tmp, failed)  # a whole notebook, kept for reading
+            raise
+        nb = nbformat.read(tmp, as_version=4)
+        tmp.unlink()
+        nb.metadata["lance"] = {
+            "fingerprint": fp,
+            "profile": profile,
+            "parameters": params,
+            "inputs": list(inputs),
+        }
+        atomic_write(output, lambda handle: nbformat.write(nb, handle))
+        _write_depfile(output, inputs)
+        if failed.exists():
+            failed.unlink()
     print_(f"{output}: executed with profile {profile!r}\n")
     return True
 
 
-def _parse_set(items: Sequence[str]) -> dict[str, Any]:
+@contextlib.contextmanager
+def _claimed(output: Path, poll: float = WAIT_POLL_S) -> Iterator[None]:
+    """Hold the output's exclusive claim; while another live runner holds it, wait."""
+    path = output.with_name(f".{output.name}.claim")
+    claim = try_claim(path)
+    if claim is None:
+        holder = read_claim(path) or {}
+        machine = str(holder.get("machine", "?")).split("|")[0]
+        sys.stderr.write(
+            f"{output}: another runner (process {holder.get('pid', '?')} on {machine}) is "
+            "executing it; waiting for it to finish\n"
+        )
+        while claim is None:
+            time.sleep(poll)
+            claim = try_claim(path)
+    with claim:
+        yield
+
+
+def _remove_leftovers(output: Path) -> None:
+    """Delete the temporary files a killed runner left for ``output`` (under its claim)."""
+    for name in (output.name, output.with_suffix(".d").name):
+        for stale in output.parent.glob(f".{name}.*.tmp*"):
+            stale.unlink(missing_ok=True)
+
+
+def parse_set(items: Sequence[str]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` items as overrides, each value read as YAML.
+
+    Raises
+    ------
+    ParameterError
+        An item without ``=`` or a key, or a value that is not valid YAML; the message
+        names the ``--set`` item and the fix.
+    """
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"--set expects key=value, got {item!r}")
-        out[key] = yaml.safe_load(value)
+        if not sep or not key.strip():
+            raise ParameterError(
+                f"--set {item!r}: expected KEY=VALUE, e.g. --set 'eps_values=[0.5, 0.7]'"
+            )
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as error:
+            raise ParameterError(
+                f"--set {item!r}: the value is not valid YAML ({_yaml_problem(error)}); "
+                f"close every bracket and quote text with ':' or '#', e.g. "
+                f"--set '{key.strip()}=[a, b]'"
+            ) from None
     return out
+
+
+def _terminate_like_ctrl_c(signum: int, frame: object) -> None:
+    """SIGTERM handler of the command line: unwind as Ctrl-C does (cleanup runs)."""
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -405,17 +513,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--kernel", default=KERNEL)
     parser.add_argument("--log-output", action="store_true")
     args = parser.parse_args(argv)
-    run_notebook(
-        args.notebook,
-        args.output,
-        profile=args.profile,
-        profiles_dir=args.profiles_dir,
-        outputs_dir=args.outputs_dir,
-        force=args.force,
-        overrides=_parse_set(args.set),
-        kernel=args.kernel,
-        log_output=args.log_output,
-    )
+    signal.signal(signal.SIGTERM, _terminate_like_ctrl_c)
+    try:
+        run_notebook(
+            args.notebook,
+            args.output,
+            profile=args.profile,
+            profiles_dir=args.profiles_dir,
+            outputs_dir=args.outputs_dir,
+            force=args.force,
+            overrides=parse_set(args.set),
+            kernel=args.kernel,
+            log_output=args.log_output,
+        )
+    except (ParameterError, FileNotFoundError) as error:
+        parser.error(str(error))
     return 0
 
 

@@ -17,7 +17,7 @@ import torch
 from lance_lib.experiments import cluster, grid
 from lance_lib.experiments.base import ExperimentConfig, register_experiment
 from lance_lib.experiments.cache import cached_record, record_path
-from lance_lib.experiments.claim import read_claim
+from lance_lib.experiments.claim import read_claim, try_claim
 from lance_lib.paths import results_dir
 
 
@@ -32,9 +32,14 @@ class ToyConfig(ExperimentConfig):
     seconds: float = 0.0
 
 
+#: Keys of the toy experiments this process computed, in order.
+COMPUTED: list[str] = []
+
+
 @register_experiment(ToyConfig)
 def run_toy(config: ToyConfig) -> dict:
     def work() -> dict:
+        COMPUTED.append(config.key())
         time.sleep(config.seconds)
         generator = torch.Generator().manual_seed(config.seed)
         x = torch.randn(256, 16, generator=generator)
@@ -114,24 +119,20 @@ def test_a_failing_experiment_is_reported_and_the_others_still_run(results):
 
 
 def test_a_task_waits_for_a_live_claim_and_reads_its_record(results):
-    config = ToyConfig(seed=4)
+    config = ToyConfig(seed=4, seconds=1.0)
     folder = results / "gridtoy"
     folder.mkdir(parents=True)
-    claim_file = folder / f".gridtoy-{config.key()}.claim"
-    from lance_lib.experiments.claim import try_claim
+    claim = try_claim(folder / f".gridtoy-{config.key()}.claim")
 
-    claim = try_claim(claim_file)
-    done = threading.Event()
-
-    def other_process_finishes() -> None:
-        time.sleep(0.5)
+    def other_process_computes() -> None:  # holds the claim while it computes
         run_toy(config)
         claim.release()
-        done.set()
 
-    threading.Thread(target=other_process_finishes).start()
+    other = threading.Thread(target=other_process_computes)
+    other.start()
     path = grid.compute(config, poll=0.1)
-    assert done.is_set()  # it waited for the holder instead of computing alongside
+    other.join()
+    assert COMPUTED.count(config.key()) == 1  # waited and read, did not compute alongside
     assert path == str(record_path(folder, "gridtoy", config.settings()))
 
 

@@ -16,10 +16,14 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.notebook_files import tiny_notebook, tiny_profiles
+from tests.test_finetune import TINY as FINETUNE_TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Seconds a child may take to reach the marked point (imports are slow on busy machines).
@@ -29,18 +33,25 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Child:
-    """A Python child process that prints ``READY`` when it reaches the point to interrupt."""
+    """A child process, interrupted once it reaches the marked point of its work.
 
-    def __init__(self, code: str, *args: str) -> None:
+    The point is marked by a ``READY`` line on its standard output or, for work done in
+    a grandchild (a notebook's kernel), by ``ready_file`` appearing.
+    """
+
+    def __init__(self, argv: list[str], log: Path, ready_file: Path | None = None) -> None:
         env = {**os.environ, "LANCE_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", code, *args],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        self.log = log
+        with open(log, "w") as stderr:
+            self.proc = subprocess.Popen(
+                [sys.executable, *argv],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                text=True,
+            )
+        self.ready_file = ready_file
         self.ready = threading.Event()
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -52,12 +63,17 @@ class Child:
             if line.strip() == "READY":
                 self.ready.set()
 
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT
+        while not (self.ready.is_set() or (self.ready_file and self.ready_file.exists())):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the child never got ready: {self.log.read_text()[-2000:]}")
+            time.sleep(0.2)
+
     def interrupt(self, sig: int) -> int:
-        """Wait for ``READY``, send ``sig``, return the exit status."""
+        """Wait until the child is ready, send ``sig``, return the exit status."""
         try:
-            if not self.ready.wait(READY_TIMEOUT):
-                self.proc.kill()
-                pytest.fail(f"the child never got ready: {self.proc.stderr.read()[-2000:]}")
+            self._wait_ready()
             self.proc.send_signal(sig)
             status = self.proc.wait(120)
         finally:
@@ -69,25 +85,18 @@ class Child:
         return status
 
 
+def _python(code: str, *args: str) -> list[str]:
+    return ["-c", code, *args]
+
+
 def _leftovers(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.rglob("*") if p.name.endswith(".tmp"))
+    return sorted(p.name for p in folder.rglob("*") if p.name.endswith((".tmp", ".tmp.ipynb")))
 
 
 # --- fine-tuning ------------------------------------------------------------------------
 
-TINY = dict(
-    model="mcunet",
-    weights=None,
-    classes=[0, 1],
-    resolution=16,
-    layers=2,
-    epochs=1,
-    batch_size=16,
-    max_steps_per_epoch=2,
-    max_samples=64,
-    num_batches=2,
-    measure=False,
-)
+#: The fine-tuning tests' tiny run, one epoch, no measurements.
+TINY = {**FINETUNE_TINY, "epochs": 1, "measure": False}
 
 FINETUNE_CHILD = """
 import io, json, sys, time
@@ -126,8 +135,8 @@ def test_interrupted_finetune_leaves_no_record_and_runs_again(tmp_path):
 
     folders = [tmp_path / f"{stage}-{sig.name}" for stage, sig in FINETUNE_CASES]
     children = [
-        Child(FINETUNE_CHILD, json.dumps(TINY), str(folder), stage)
-        for folder, (stage, _) in zip(folders, FINETUNE_CASES, strict=True)
+        Child(_python(FINETUNE_CHILD, json.dumps(TINY), str(f), stage), tmp_path / f"{f.name}.log")
+        for f, (stage, _) in zip(folders, FINETUNE_CASES, strict=True)
     ]
     for child, folder, (stage, sig) in zip(children, folders, FINETUNE_CASES, strict=True):
         status = child.interrupt(sig)
@@ -197,8 +206,10 @@ def test_interrupted_pretraining_keeps_a_valid_epoch_state_and_resumes(tmp_path)
 
     folders = [tmp_path / f"{stage}-{sig.name}" for stage, sig in PRETRAIN_CASES]
     children = [
-        Child(PRETRAIN_CHILD, json.dumps(PRETRAIN), str(folder), stage)
-        for folder, (stage, _) in zip(folders, PRETRAIN_CASES, strict=True)
+        Child(
+            _python(PRETRAIN_CHILD, json.dumps(PRETRAIN), str(f), stage), tmp_path / f"{f.name}.log"
+        )
+        for f, (stage, _) in zip(folders, PRETRAIN_CASES, strict=True)
     ]
     for child, folder, (stage, sig) in zip(children, folders, PRETRAIN_CASES, strict=True):
         assert child.interrupt(sig) != 0
@@ -212,3 +223,56 @@ def test_interrupted_pretraining_keeps_a_valid_epoch_state_and_resumes(tmp_path)
     curve = model.pretrain_record["curve"]
     assert len(curve) == 3 and curve[0] == saved  # resumed after epoch 1, not restarted
     assert not list(folders[-1].glob("*.partial.pt"))
+
+
+# --- a notebook run -------------------------------------------------------------------
+
+SLOW_CELL = """import os, pathlib, time
+pathlib.Path(outputs_dir, "kernel.pid").write_text(str(os.getpid()))
+if size == 3:  # the profile's value: a long cell; --set size=4 runs at once
+    time.sleep(600)"""
+
+
+def _ended(pid: int, timeout: float = 60) -> bool:
+    """Whether process ``pid`` ends (or is a zombie) within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+            state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+        except (ProcessLookupError, FileNotFoundError):
+            return True
+        if state == "Z":
+            return True
+        time.sleep(0.5)
+    os.kill(pid, signal.SIGKILL)
+    return False
+
+
+def test_interrupted_notebook_run_leaves_no_output_and_runs_again(tmp_path):
+    import nbformat
+
+    from lance_lib.notebook_runner import run_notebook
+
+    profiles = tiny_profiles(tmp_path / "profiles")
+    notebook = tiny_notebook(tmp_path / "tiny.ipynb", SLOW_CELL)
+    signals = [signal.SIGINT, signal.SIGTERM, signal.SIGKILL]
+    children = []
+    for sig in signals:
+        figs, output = tmp_path / sig.name / "figs", tmp_path / sig.name / "tiny.ipynb"
+        argv = ["-m", "lance_lib.notebook_runner", str(notebook), str(output)]
+        argv += ["--profile", "t", "--profiles-dir", str(profiles), "--outputs-dir", str(figs)]
+        children.append(Child(argv, tmp_path / f"{sig.name}.log", figs / "kernel.pid"))
+    for child, sig in zip(children, signals, strict=True):
+        assert child.interrupt(sig) != 0
+        folder = tmp_path / sig.name
+        assert not (folder / "tiny.ipynb").exists()  # no output, whole or half
+        assert _ended(int(child.ready_file.read_text())), f"{sig.name}: the kernel lives on"
+        if sig != signal.SIGKILL:  # cleaned up: the partial run kept for reading, no claim
+            nbformat.read(folder / "tiny.failed.ipynb", as_version=4)
+            assert _leftovers(folder) == [] and not (folder / ".tiny.ipynb.claim").exists()
+    killed = tmp_path / "SIGKILL"
+    options = dict(profile="t", profiles_dir=profiles, outputs_dir=killed / "figs")
+    assert run_notebook(notebook, killed / "tiny.ipynb", overrides={"size": 4}, **options)
+    nbformat.read(killed / "tiny.ipynb", as_version=4)
+    assert _leftovers(killed) == [] and not (killed / ".tiny.ipynb.claim").exists()

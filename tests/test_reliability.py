@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 import time
 import warnings
@@ -25,6 +26,7 @@ import lance_lib as ll
 from lance_lib.calibration import Subspaces
 from lance_lib.experiments.cache import CacheWarning, cached_record, record_path
 from lance_lib.io import write_json_atomic
+from tests.notebook_files import tiny_notebook, tiny_profiles
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -526,3 +528,93 @@ def test_bench_cli_usage_errors(argv, words, capsys):
     from bench.__main__ import main
 
     assert words in _usage_error(main, argv, capsys)
+
+
+# --- the notebook runner (items 7 and 11) ---------------------------------------------
+
+
+def _runner_usage_error(tmp_path, capsys, *extra: str, profile_text: str | None = None) -> str:
+    from lance_lib.notebook_runner import main
+
+    profiles = tiny_profiles(tmp_path / "profiles", *([profile_text] if profile_text else []))
+    notebook = tiny_notebook(tmp_path / "tiny.ipynb", "pass")
+    argv = [str(notebook), str(tmp_path / "out.ipynb"), "--profile", "t"]
+    return _usage_error(main, [*argv, "--profiles-dir", str(profiles), *extra], capsys)
+
+
+@pytest.mark.parametrize(
+    "item, words",
+    [
+        (
+            "benchmarks=[cifar10_mini",
+            r"--set 'benchmarks=\[cifar10_mini': the value is not valid YAML",
+        ),
+        ("size", "--set 'size': expected KEY=VALUE"),
+        ("=3", "--set '=3': expected KEY=VALUE"),
+    ],
+)
+def test_a_malformed_set_value_names_the_set_item(tmp_path, capsys, item, words):
+    err = _runner_usage_error(tmp_path, capsys, "--set", item)
+    assert re.search(words, err) and "Traceback" not in err  # was a raw yaml ParserError
+
+
+def test_an_unknown_set_key_is_reported_as_set_not_the_profile(tmp_path, capsys):
+    err = _runner_usage_error(tmp_path, capsys, "--set", "nope=1")
+    assert "--set sets ['nope'] for tiny.ipynb, which declares only" in err
+    assert "profile 't' sets" not in err  # was blamed on the profile
+
+
+def test_an_unknown_profile_key_is_reported_as_the_profile(tmp_path, capsys):
+    err = _runner_usage_error(tmp_path, capsys, profile_text="tiny: {nope: 1}\n")
+    assert "profile 't' sets ['nope'] for tiny.ipynb" in err
+
+
+def test_a_malformed_profile_names_the_file_and_line(tmp_path, capsys):
+    err = _runner_usage_error(
+        tmp_path, capsys, profile_text="common:\n  seed: 0\ntiny: {size: [3\n"
+    )
+    assert re.search(r"profile .*t\.yaml, line 4, column 1: .*fix the YAML", err)
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [("- a\n- b\n", "must hold a mapping of sections, got list"), ("tiny: 3\n", "section 'tiny'")],
+)
+def test_a_profile_of_the_wrong_shape_is_a_parameter_error(tmp_path, text, words):
+    from lance_lib.notebook_runner import ParameterError, load_profile
+
+    with pytest.raises(ParameterError, match=words):
+        load_profile("t", tiny_profiles(tmp_path, text))
+
+
+def test_an_unknown_profile_lists_the_profiles(tmp_path, capsys):
+    err = _runner_usage_error(tmp_path, capsys, "--profile", "nosuch")
+    assert "no profile 'nosuch'" in err and "['t']" in err
+
+
+def test_a_second_runner_on_the_same_output_waits_and_finds_it_up_to_date(tmp_path, capfd):
+    from lance_lib.notebook_runner import run_notebook
+
+    runs = tmp_path / "runs.txt"
+    notebook = tiny_notebook(
+        tmp_path / "tiny.ipynb",
+        f"import time\nopen({str(runs)!r}, 'a').write('run\\n')\ntime.sleep(2)",
+    )
+    output = tmp_path / "build" / "tiny.ipynb"
+    options = dict(profile="t", profiles_dir=tiny_profiles(tmp_path / "p"), outputs_dir=tmp_path)
+    executed = {}
+    first = threading.Thread(
+        target=lambda: executed.update(first=run_notebook(notebook, output, **options))
+    )
+    first.start()
+    claim = output.with_name(".tiny.ipynb.claim")
+    deadline = time.monotonic() + 120
+    while not claim.exists() and first.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert claim.exists(), "the first runner never claimed its output"
+    second = run_notebook(notebook, output, **options)  # waits for the first
+    first.join()
+    assert executed["first"] is True and second is False
+    assert runs.read_text() == "run\n"  # was executed twice, the last writer winning
+    assert "is executing it; waiting for it to finish" in capfd.readouterr().err
+    assert not claim.exists()

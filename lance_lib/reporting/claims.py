@@ -33,12 +33,8 @@ from __future__ import annotations
 import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
-import torch
-
-from lance_lib.io import write_json_atomic, write_text_atomic
 from lance_lib.reporting.paper_numbers import paper_value
 
 __all__ = [
@@ -46,12 +42,7 @@ __all__ = [
     "VERDICTS",
     "Claim",
     "Outcome",
-    "EVIDENCE_NOTEBOOKS",
     "evaluate_claims",
-    "evidence_provenance",
-    "gather_records",
-    "theorem1_max_relative_error",
-    "write_scorecard",
 ]
 
 VERDICTS = ("reproduced", "not reproduced", "not measured")
@@ -174,77 +165,9 @@ def _finetune_records(records: Records, notebook: str) -> list[Mapping[str, Any]
 # --------------------------------------------------------------------------- claim a
 
 
-def theorem1_max_relative_error(seed: int = 0) -> float:
-    """Largest relative error between LANCE's weight gradient and that of the projected input.
-
-    Float64, random orthonormal factors, every mode setting (all, no batch, channel
-    only) on Conv2d cases (stride, padding, dilation, groups with the channel mode
-    compressed below ``C / groups``, depthwise) and Linear on 2-D and 3-D inputs; the
-    reference is ``torch.nn.grad.conv2d_weight`` (or ``delta^T x``) of the input
-    reconstructed from its core (Eq. 1, Eq. 4).
-    """
-    from lance_lib.hosvd import project, reconstruct
-    from lance_lib.layers import lance_conv2d, lance_linear
-
-    g = torch.Generator().manual_seed(seed)
-
-    def orth(n: int, r: int) -> torch.Tensor:
-        q, _ = torch.linalg.qr(torch.randn(n, r, dtype=torch.float64, generator=g))
-        return q
-
-    def factors(shape: Sequence[int], ranks: Sequence[int], keep: Sequence[bool]) -> list:
-        return [orth(n, r) if k else None for n, r, k in zip(shape, ranks, keep, strict=True)]
-
-    modes = {
-        "all": (True, True, True, True),
-        "no_batch": (False, True, True, True),
-        "channel": (False, True, False, False),
-    }
-    conv_cases = [
-        dict(c=8, o=6, k=3, stride=1, padding=1, dilation=1, groups=1, ranks=(3, 4, 5, 4)),
-        dict(c=8, o=6, k=3, stride=2, padding=0, dilation=1, groups=1, ranks=(4, 3, 4, 5)),
-        dict(c=8, o=6, k=3, stride=1, padding=2, dilation=2, groups=1, ranks=(3, 5, 6, 4)),
-        dict(c=8, o=8, k=3, stride=1, padding=1, dilation=1, groups=2, ranks=(3, 3, 5, 5)),
-        dict(c=6, o=6, k=3, stride=1, padding=1, dilation=1, groups=6, ranks=(4, 6, 5, 5)),
-    ]
-    worst = 0.0
-    for case in conv_cases:
-        for keep in modes.values():
-            shape = (5, case["c"], 9, 8)
-            x = torch.randn(*shape, dtype=torch.float64, generator=g)
-            w = torch.randn(
-                case["o"], case["c"] // case["groups"], case["k"], case["k"],
-                dtype=torch.float64, generator=g, requires_grad=True,
-            )  # fmt: skip
-            fs = factors(shape, case["ranks"], keep)
-            conf = dict(stride=case["stride"], padding=case["padding"],
-                        dilation=case["dilation"], groups=case["groups"])  # fmt: skip
-            out = lance_conv2d(
-                x, w, None, fs, (case["stride"],) * 2, (case["padding"],) * 2,
-                (case["dilation"],) * 2, case["groups"],
-            )  # fmt: skip
-            delta = torch.randn(out.shape, dtype=torch.float64, generator=g)
-            out.backward(delta)
-            projected = reconstruct(project(x, fs), fs)
-            expected = torch.nn.grad.conv2d_weight(projected, w.shape, delta, **conf)
-            worst = max(worst, float((w.grad - expected).norm() / expected.norm()))
-    for shape in ((12, 10), (4, 6, 10)):
-        for full in (True, False):
-            x = torch.randn(*shape, dtype=torch.float64, generator=g)
-            w = torch.randn(5, 10, dtype=torch.float64, generator=g, requires_grad=True)
-            ranks = [max(1, n - 3) for n in shape]
-            keep = [full] * (len(shape) - 1) + [True]
-            fs = factors(shape, ranks, keep)
-            out = lance_linear(x, w, None, fs)
-            delta = torch.randn(out.shape, dtype=torch.float64, generator=g)
-            out.backward(delta)
-            projected = reconstruct(project(x, fs), fs)
-            expected = delta.reshape(-1, 5).T @ projected.reshape(-1, 10)
-            worst = max(worst, float((w.grad - expected).norm() / expected.norm()))
-    return worst
-
-
 def _claim_a(records: Records) -> Outcome:
+    from lance_lib.experiments.theorem1 import theorem1_max_relative_error
+
     error = theorem1_max_relative_error()
     return Outcome(
         f"max relative error {error:.1e}",
@@ -572,77 +495,3 @@ def evaluate_claims(records: Records) -> list[dict[str, Any]]:
         }
         out.append(entry)
     return out
-
-
-def write_scorecard(
-    claims: Sequence[Mapping[str, Any]], directory: str | Path, *, provenance: Mapping[str, Any]
-) -> tuple[Path, Path]:
-    """Write ``claims.json`` (the list, with provenance) and ``claims.md`` (a table)."""
-    directory = Path(directory)
-    json_path = write_json_atomic(
-        directory / "claims.json", {"claims": list(claims), "provenance": dict(provenance)}
-    )
-    lines = [
-        "| id | claim | source | paper | ours | rule | like for like | verdict |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for c in claims:
-        note = f" ({c['reason']})" if c.get("reason") else ""
-        cells = [c["id"], c["claim"], c["source"], c["paper"], c["ours"] + note, c["rule"],
-                 "yes" if c["like_for_like"] else "no", f"**{c['verdict']}**"]  # fmt: skip
-        lines.append("| " + " | ".join(str(x).replace("|", "/") for x in cells) + " |")
-    counts = {v: sum(c["verdict"] == v for c in claims) for v in VERDICTS}
-    lines += ["", ", ".join(f"{n} {v}" for v, n in counts.items()), "",
-              "Protocols: " + "; ".join(f"{c['id']}: {c['protocol']}" for c in claims)]  # fmt: skip
-    md_path = write_text_atomic(directory / "claims.md", "\n".join(lines) + "\n")
-    return json_path, md_path
-
-
-#: The notebooks whose records the claims read.
-EVIDENCE_NOTEBOOKS = (
-    "fig2_angle",
-    "table2_finetune",
-    "fig3_ablation",
-    "fig5_latency",
-    "table3_continual",
-    "table1_split",
-    "transformer_finetune",
-    "fig4_eps_gradient",
-)
-
-
-def gather_records(
-    profile: str, notebooks: Sequence[str] = EVIDENCE_NOTEBOOKS
-) -> dict[str, list[dict[str, Any]]]:
-    """The records of each notebook's sweep under ``profile`` (from the results cache).
-
-    Each notebook's experiments are asked for exactly as the notebook asks
-    (:func:`lance_lib.experiments.sweeps.sweep` on its profile parameters) and run with
-    :func:`lance_lib.experiments.base.run_experiment`, which returns the stored record
-    when the figure notebooks (or ``make grid``) computed it already. A notebook the
-    profile has no section for contributes no records (its claims are ``not measured``).
-    """
-    from lance_lib.experiments.base import run_experiment
-    from lance_lib.experiments.sweeps import sweep
-    from lance_lib.notebook_runner import profile_parameters
-
-    out: dict[str, list[dict[str, Any]]] = {}
-    for notebook in notebooks:
-        try:
-            params = profile_parameters(notebook, profile)
-        except KeyError:
-            continue
-        out[notebook] = [run_experiment(config) for config in sweep(notebook, params)]
-    return out
-
-
-def evidence_provenance(records: Records) -> dict[str, Any]:
-    """Seeds and weight hashes of every record the scorecard read."""
-    seeds: set[int] = set()
-    weights: dict[str, str] = {}
-    for group in records.values():
-        for record in group:
-            prov = record.get("provenance", {})
-            seeds.update(prov.get("seeds") or [])
-            weights.update(prov.get("weights") or {})
-    return {"seeds": sorted(seeds), "weights": weights}
