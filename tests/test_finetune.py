@@ -302,7 +302,7 @@ def test_every_profile_declares_the_runs_of_the_finetune_notebooks():
     """The grid builds the sweeps from the profiles alone: every key they read is there."""
     from lance_lib.experiments.sweeps import profile_experiments
 
-    for profile in ("smoke", "cpu", "paper"):
+    for profile in ("smoke", "cpu", "reference", "paper"):
         planned = profile_experiments(profile)
         for notebook in ("table1_split", "table2_finetune", "fig3_ablation"):
             assert planned[notebook], (profile, notebook)

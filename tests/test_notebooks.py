@@ -51,7 +51,7 @@ def test_parameters_merge_and_checks(tmp_path, profiles):
 
 def test_every_notebook_is_clean_and_in_every_profile():
     assert NOTEBOOKS, "no notebooks found"
-    for name in ("smoke", "cpu", "paper"):
+    for name in ("smoke", "cpu", "reference", "paper"):
         data = load_profile(name, PROFILES)
         for path in NOTEBOOKS:
             assert path.stem in data, f"profiles/{name}.yaml has no section for {path.name}"
