@@ -76,6 +76,8 @@ def test_record_round_trips_with_every_field_and_is_reused(tmp_path, monkeypatch
     assert len(stored["ranks"]) == 2 and stored["cuda_max_memory_allocated"] is None
     assert stored["weights"]["name"] is None and len(stored["weights"]["sha256"]) == 64
     assert stored["provenance"]["seeds"] == [0] and stored["provenance"]["device"] == "cpu"
+    # the starting weights' hash is in the provenance whatever the weights (here: random)
+    assert stored["provenance"]["weights"] == {"mcunet": stored["weights"]["sha256"]}
 
     def fail(*args, **kwargs):
         raise AssertionError("a run with a stored record must be skipped")

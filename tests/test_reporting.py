@@ -16,6 +16,7 @@ from lance_lib.reporting import (
     paper_value,
     paper_vs_ours,
     plot_accuracy_matrix,
+    record_sources,
     save_figure,
     save_table,
     table_to_latex,
@@ -166,6 +167,18 @@ def test_provenance_sidecar_explains_differences(tmp_path):
     assert meta["torch_threads"] >= 1 and "commit" in meta and "gpu" in meta
     with pytest.raises(AttributeError):
         prov.profile = "cpu"  # frozen: what produced a figure does not change afterwards
+
+
+def test_provenance_from_records_names_their_seeds_weights_and_device():
+    records = [
+        {"provenance": {"seeds": [2], "weights": {"resnet18": "aa"}, "device": "cpu"}},
+        {"provenance": {"seeds": [0, 2], "weights": {"mcunet": "bb"}, "device": "cpu"}},
+        None,  # a record a notebook could not compute
+    ]
+    prov = Provenance.from_records("smoke", "cifar10_mini", ["resnet18", "mcunet"], records=records)
+    assert prov.seeds == (0, 2) and prov.weights == {"resnet18": "aa", "mcunet": "bb"}
+    assert prov.device == "cpu"
+    assert record_sources([])["device"] is None
 
 
 def test_save_figure_shows_the_png_in_a_kernel_and_caps_the_width(tmp_path, monkeypatch):

@@ -286,7 +286,9 @@ def _run(cfg: FinetuneConfig, root: str | os.PathLike | None, progress: bool) ->
         cuda_max_memory_allocated=torch.cuda.max_memory_allocated(prep.device) if cuda else None,
         **history,
     )
-    return record.to_dict()
+    # the starting weights' hash also for weights pretrained on the fly (cached_record
+    # merges this into the record's provenance)
+    return {**record.to_dict(), "provenance": {"weights": {cfg.model: prep.weights.sha256}}}
 
 
 @register_experiment(FinetuneConfig)

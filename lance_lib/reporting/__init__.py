@@ -18,7 +18,7 @@ from .accuracy_matrix import plot_accuracy_matrix
 from .comparison import paper_vs_ours
 from .figures import SavedFiles, save_figure, show_png
 from .paper_numbers import PAPER_DATASET, PAPER_MODEL, paper_table, paper_tables, paper_value
-from .provenance import Provenance
+from .provenance import Provenance, record_sources
 from .style import (
     MAX_WIDTH,
     METHOD_COLORS,
@@ -50,6 +50,7 @@ __all__ = [
     "paper_value",
     "paper_vs_ours",
     "plot_accuracy_matrix",
+    "record_sources",
     "save_figure",
     "save_table",
     "show_png",

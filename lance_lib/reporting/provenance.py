@@ -18,11 +18,35 @@ from typing import Any
 from lance_lib import provenance as run_provenance
 from lance_lib.io import write_json_atomic
 
-__all__ = ["Provenance"]
+__all__ = ["Provenance", "record_sources"]
 
 
 def _strings(value: str | Iterable[Any]) -> tuple[str, ...]:
     return (value,) if isinstance(value, str) else tuple(str(v) for v in value)
+
+
+def record_sources(records: Iterable[Mapping[str, Any] | None]) -> dict[str, Any]:
+    """The seeds, weight hashes and device behind ``records`` (from their ``provenance``).
+
+    Returns
+    -------
+    dict
+        ``seeds`` (sorted, distinct), ``weights`` (``{model: sha256}`` merged) and
+        ``device`` (the one device they ran on, else the distinct devices joined with
+        ``", "``, ``None`` when none is recorded): keyword arguments of
+        :class:`Provenance`.
+    """
+    seeds: set[int] = set()
+    weights: dict[str, str] = {}
+    devices: set[str] = set()
+    for record in records:
+        prov = (record or {}).get("provenance") or {}
+        seeds.update(int(s) for s in prov.get("seeds") or [])
+        weights.update(prov.get("weights") or {})
+        if prov.get("device"):
+            devices.add(str(prov["device"]))
+    device = ", ".join(sorted(devices)) or None
+    return {"seeds": sorted(seeds), "weights": weights, "device": device}
 
 
 @dataclass(frozen=True)
@@ -70,6 +94,19 @@ class Provenance:
         seeds = (self.seeds,) if isinstance(self.seeds, int) else self.seeds
         object.__setattr__(self, "seeds", tuple(sorted({int(s) for s in seeds})))
         object.__setattr__(self, "weights", {str(k): str(v) for k, v in self.weights.items()})
+
+    @classmethod
+    def from_records(
+        cls,
+        profile: str,
+        datasets: tuple[str, ...] | str,
+        models: tuple[str, ...] | str,
+        notes: tuple[str, ...] | str = (),
+        *,
+        records: Iterable[Mapping[str, Any] | None],
+    ) -> Provenance:
+        """A provenance whose seeds, weights and device are those the ``records`` name."""
+        return cls(profile, datasets, models, notes, **record_sources(records))
 
     def caption(self) -> str:
         """One line: ``profile: smoke | datasets: ... | models: ...`` (+ notes)."""

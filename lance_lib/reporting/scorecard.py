@@ -14,6 +14,7 @@ from typing import Any
 
 from lance_lib.io import write_json_atomic, write_text_atomic
 from lance_lib.reporting.claims import VERDICTS, Records
+from lance_lib.reporting.provenance import record_sources
 
 __all__ = ["EVIDENCE_NOTEBOOKS", "evidence_provenance", "gather_records", "write_scorecard"]
 
@@ -82,11 +83,5 @@ def gather_records(
 
 def evidence_provenance(records: Records) -> dict[str, Any]:
     """Seeds and weight hashes of every record the scorecard read."""
-    seeds: set[int] = set()
-    weights: dict[str, str] = {}
-    for group in records.values():
-        for record in group:
-            prov = record.get("provenance", {})
-            seeds.update(prov.get("seeds") or [])
-            weights.update(prov.get("weights") or {})
-    return {"seeds": sorted(seeds), "weights": weights}
+    sources = record_sources(r for group in records.values() for r in group)
+    return {"seeds": sources["seeds"], "weights": sources["weights"]}
