@@ -123,7 +123,7 @@ class ReferenceRecipe:
 #: The shipped backbones. MCU stand-in: MobileNetV2-0.35 (see :func:`lance_lib.models.mcunet`).
 REFERENCE_RECIPES: dict[str, ReferenceRecipe] = {
     "resnet18": ReferenceRecipe("resnet18", resolution=64, epochs=18),
-    "mcunet": ReferenceRecipe("mcunet", resolution=96, epochs=30),
+    "mcunet": ReferenceRecipe("mcunet", resolution=96, epochs=20),
 }
 
 
