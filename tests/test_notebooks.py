@@ -136,9 +136,6 @@ def test_profile_parameters_resolve_from_the_repository_root(tmp_path, monkeypat
 #: Notebooks whose parameters cell still holds literal defaults (the second pass of the
 #: notebooks converts them to `profile_parameters`; remove a name when it is converted).
 LITERAL_DEFAULTS = {
-    "fig5_latency",
-    "memory_breakdown",
-    "table1_split",
     "table2_finetune",
     "table3_continual",
     "transformer_finetune",
