@@ -133,34 +133,13 @@ def test_profile_parameters_resolve_from_the_repository_root(tmp_path, monkeypat
         profile_parameters("nope", "smoke")
 
 
-#: Notebooks whose parameters cell still holds literal defaults (the second pass of the
-#: notebooks converts them to `profile_parameters`; remove a name when it is converted).
-LITERAL_DEFAULTS = {
-    "table2_finetune",
-    "table3_continual",
-    "transformer_finetune",
-}
-
-
 def _parameters_source(path: Path) -> str:
     nb = nbformat.read(path, as_version=4)
     cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
     return cell.source
 
 
-@pytest.mark.parametrize(
-    "path",
-    [
-        pytest.param(
-            p,
-            id=p.stem,
-            marks=[pytest.mark.xfail(strict=True, reason="literal defaults; second pass")]
-            if p.stem in LITERAL_DEFAULTS
-            else [],
-        )
-        for p in NOTEBOOKS
-    ],
-)
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_lab_defaults_are_the_profile(path, monkeypatch):
     """Run in JupyterLab (working directory notebooks/, no injected parameters), a
     notebook's parameters cell gives exactly what the runner injects, for the profile it
