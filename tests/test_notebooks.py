@@ -187,6 +187,7 @@ def _figure_ok(figures: Path, stem: str) -> dict:
         assert (figures / f"{stem}{suffix}").stat().st_size > 1000, f"{stem}{suffix} missing"
     meta = json.loads((figures / f"{stem}.provenance.json").read_text())
     assert meta["profile"] == "smoke" and meta["datasets"] and meta["models"]
+    assert meta["seeds"] and meta["commit"] and meta["versions"]["torch"]  # explains differences
     return meta
 
 
@@ -320,7 +321,8 @@ def test_table1_split(smoke_outputs):
 @pytest.mark.skipif(not (ROOT / "notebooks" / "fig2_angle.ipynb").exists(), reason="absent")
 def test_fig2_angle(smoke_outputs):
     figures = smoke_outputs / "figures"
-    _figure_ok(figures, "fig2_angle")
+    meta = _figure_ok(figures, "fig2_angle")
+    assert len(meta["weights"]["resnet18"]) == 64  # the starting weights' sha256
     rows = _rows(figures, "fig2_angle")
     epochs = load_profile("smoke", PROFILES)["common"]["finetune"]["epochs"]
     runs = {(r["model"], r["dataset"], r["layers"], r["modes"]) for r in rows}

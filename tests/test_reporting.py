@@ -169,15 +169,16 @@ def test_provenance_sidecar_explains_differences(tmp_path):
         prov.profile = "cpu"  # frozen: what produced a figure does not change afterwards
 
 
-def test_provenance_from_records_names_their_seeds_weights_and_device():
+def test_provenance_with_records_names_their_seeds_weights_and_device():
     records = [
         {"provenance": {"seeds": [2], "weights": {"resnet18": "aa"}, "device": "cpu"}},
         {"provenance": {"seeds": [0, 2], "weights": {"mcunet": "bb"}, "device": "cpu"}},
         None,  # a record a notebook could not compute
     ]
-    prov = Provenance.from_records("smoke", "cifar10_mini", ["resnet18", "mcunet"], records=records)
-    assert prov.seeds == (0, 2) and prov.weights == {"resnet18": "aa", "mcunet": "bb"}
-    assert prov.device == "cpu"
+    prov = Provenance("smoke", "cifar10_mini", ["resnet18", "mcunet"], seeds=[5])
+    prov = prov.with_records(records)
+    assert prov.seeds == (0, 2, 5) and prov.weights == {"resnet18": "aa", "mcunet": "bb"}
+    assert prov.device == "cpu" and prov.profile == "smoke"
     assert record_sources([])["device"] is None
 
 

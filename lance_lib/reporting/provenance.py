@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -95,18 +95,19 @@ class Provenance:
         object.__setattr__(self, "seeds", tuple(sorted({int(s) for s in seeds})))
         object.__setattr__(self, "weights", {str(k): str(v) for k, v in self.weights.items()})
 
-    @classmethod
-    def from_records(
-        cls,
-        profile: str,
-        datasets: tuple[str, ...] | str,
-        models: tuple[str, ...] | str,
-        notes: tuple[str, ...] | str = (),
-        *,
-        records: Iterable[Mapping[str, Any] | None],
-    ) -> Provenance:
-        """A provenance whose seeds, weights and device are those the ``records`` name."""
-        return cls(profile, datasets, models, notes, **record_sources(records))
+    def with_records(self, records: Iterable[Mapping[str, Any] | None]) -> Provenance:
+        """A copy naming the seeds, weights and device of ``records`` (:func:`record_sources`).
+
+        Seeds and weights are merged with those already named; the device is the
+        records' when they record one.
+        """
+        sources = record_sources(records)
+        return replace(
+            self,
+            seeds=tuple(sorted({*self.seeds, *sources["seeds"]})),
+            weights={**self.weights, **sources["weights"]},
+            device=sources["device"] or self.device,
+        )
 
     def caption(self) -> str:
         """One line: ``profile: smoke | datasets: ... | models: ...`` (+ notes)."""
