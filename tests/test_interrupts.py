@@ -32,6 +32,16 @@ READY_TIMEOUT = 600
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def _default_signals() -> None:
+    """Give the child the default SIGINT/SIGTERM actions.
+
+    A test suite started in the background by a non-interactive shell (``make test &``)
+    inherits SIGINT ignored, and so would every child: Ctrl-C could not be simulated.
+    """
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 class Child:
     """A child process, interrupted once it reaches the marked point of its work.
 
@@ -50,6 +60,7 @@ class Child:
                 stdout=subprocess.PIPE,
                 stderr=stderr,
                 text=True,
+                preexec_fn=_default_signals,
             )
         self.ready_file = ready_file
         self.ready = threading.Event()

@@ -8,6 +8,7 @@ cache; :func:`lance_lib.reporting.claims.evaluate_claims` turns them into verdic
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,7 @@ def gather_records(
     when the figure notebooks (or ``make grid``) computed it already. A notebook the
     profile has no section for contributes no records (its claims are ``not measured``).
     """
+    from lance_lib.continual import SaturationWarning
     from lance_lib.experiments.base import run_experiment
     from lance_lib.experiments.sweeps import sweep
     from lance_lib.notebook_runner import profile_parameters
@@ -77,7 +79,9 @@ def gather_records(
             params = profile_parameters(notebook, profile)
         except KeyError:
             continue
-        out[notebook] = [run_experiment(config) for config in sweep(notebook, params)]
+        with warnings.catch_warnings():  # as the Table 3 notebook: its tables list them all
+            warnings.simplefilter("ignore", SaturationWarning)
+            out[notebook] = [run_experiment(config) for config in sweep(notebook, params)]
     return out
 
 
