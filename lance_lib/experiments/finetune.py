@@ -345,16 +345,11 @@ def finetune(
     """
     cfg = FinetuneConfig.from_dict(config)
     path, settings, required = cfg.record_request(results_dir)
-    weights = {cfg.model: settings["weights_sha256"]} if "weights_sha256" in settings else {}
     return cached_record(
         path,
         settings,
         lambda: _run(cfg, root, progress_enabled(progress)),
         required=required,
         force=force,
-        provenance_extra={
-            "seeds": [cfg.seed],
-            "weights": weights,
-            "device": str(resolve_device(cfg.device)),
-        },
+        provenance_extra={"seeds": [cfg.seed], "device": str(resolve_device(cfg.device))},
     )
