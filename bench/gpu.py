@@ -1,15 +1,16 @@
 """Section ``gpu``: the paper profile's code path on CUDA, and peak GPU memory per method.
 
 For a GPU machine (under 5 minutes on one current GPU): every method fine-tunes the
-paper's ResNet18 setting (224 px, batch 128, the last 4 convs) for ``--gpu-steps`` steps
-through the fine-tuning experiment with the paper profile's settings
-(:func:`lance_lib.experiments.finetune.finetune`, ``profiles/paper.yaml``'s
-``common.finetune``, reduced to one short epoch on the embedded CIFAR-10 subset and the
-``--weights`` starting point, since ImageNet weights need a network), recording each
-method's ``torch.cuda.max_memory_allocated`` while measuring one step and while training;
-then the whole-region experiment on CUDA gives the peak of one training step of BP,
-LANCE and lean LANCE (:mod:`lance_lib.experiments.region_memory`). Without CUDA the
-section says so and measures nothing.
+paper's ResNet18 setting (batch 128, the last 4 convs, at ``--resolution``: by default
+the weights' own) for ``--gpu-steps`` steps through the fine-tuning experiment with the
+paper profile's settings (:func:`lance_lib.experiments.finetune.finetune`,
+``profiles/paper.yaml``'s ``common.finetune``, reduced to one short epoch on the
+embedded CIFAR-10 subset and the ``--weights`` starting point, since ImageNet weights
+need a network), recording each method's ``torch.cuda.max_memory_allocated`` while
+measuring one step and while training; then the whole-region experiment on CUDA gives
+the peak of one training step of BP, LANCE and lean LANCE
+(:mod:`lance_lib.experiments.region_memory`). Without CUDA the section says so and
+measures nothing.
 """
 
 from __future__ import annotations

@@ -3,9 +3,10 @@
 Appendix C counts only the fine-tuned convolutions' inputs; autograd also keeps BatchNorm
 inputs, ReLU outputs and the classifier input. One
 :class:`lance_lib.experiments.region_memory.RegionMemoryConfig` at the ``methods``
-section's setting (ResNet18's last 4 convs, 224 px, batch 128, eps 0.7): every byte kept
-per module under BP, LANCE and lean LANCE, lean LANCE's gradients against LANCE's on the
-same batch, and on CUDA the peak allocated memory of one step of each.
+section's setting (ResNet18's last 4 convs at the weights' resolution, batch 128,
+eps 0.7): every byte kept per module under BP, LANCE and lean LANCE, lean LANCE's
+gradients against LANCE's on the same batch, and on CUDA the peak allocated memory of
+one step of each.
 """
 
 from __future__ import annotations

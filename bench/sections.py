@@ -90,7 +90,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, ...; default CUDA if present")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", default="resnet18")
-    parser.add_argument("--resolution", type=int, default=224)
+    parser.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="input side; default: the weights' own (64 px for the reference ResNet18, "
+        "the model's native 224 px otherwise, the paper's)",
+    )
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4, help="the last N convs are trained")
     parser.add_argument("--eps", type=float, default=0.7)

@@ -1,9 +1,12 @@
 """Sections ``methods`` and ``fig5``: one training step of every method, side by side.
 
 ``methods``: BP, LANCE, per-step HOSVD, ASI, LoRAct and checkpointing on the same batch
-of the same trainable tail, at the paper's Table 2 setting by default (ResNet18, 224 px,
-batch 128, the last 4 convs, eps 0.7; images of the embedded CIFAR-10 subset's class
-split B): one :class:`lance_lib.experiments.latency.LatencyConfig` with one layer count.
+of the same trainable tail, at the paper's Table 2 setting by default (ResNet18, batch
+128, the last 4 convs, eps 0.7; images of the embedded CIFAR-10 subset's class split B)
+at the starting weights' own resolution (64 px for the reference ResNet18: at the
+paper's 224 px a backbone pretrained at 64 px sees unfamiliar scales and its layer4
+channel rank collapses to 1): one :class:`lance_lib.experiments.latency.LatencyConfig`
+with one layer count.
 Reported: each method's :class:`lance_lib.methods.MethodMeasurement`, ratios against
 LANCE and BP (step time, measured and analytic memory of the trained layers, FLOPs), and
 the ranks LANCE calibrated (with the median channel rank of ``layer4``).
