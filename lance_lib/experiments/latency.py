@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 
 from lance_lib.experiments.base import register_experiment
 from lance_lib.experiments.probe import TailProbeConfig, TailRecord, run_cached, tail_inputs
-from lance_lib.experiments.setup import select_tail
+from lance_lib.experiments.setup import pretrain_settings, select_tail
 from lance_lib.experiments.sweeps import register_sweep
 from lance_lib.methods import METHODS, apply_method, measure_method, method_settings
 from lance_lib.progress import progress_bar
@@ -271,7 +271,7 @@ def fig5_latency(params: Mapping[str, Any]) -> list[LatencyConfig]:
     finetune = dict(params.get("finetune") or {})
     model = params["model_name"]
     weights = (params.get("weights_by_model") or {}).get(model, finetune.get("weights"))
-    pretrain = {k: finetune[k] for k in ("pretrain_epochs", "pretrain_resolution") if k in finetune}
+    pretrain = pretrain_settings(finetune)
     config = LatencyConfig(
         model=model,
         dataset=params["dataset"],

@@ -27,6 +27,7 @@ from lance_lib.accounting import cuda_peak_bytes, region_memory_table
 from lance_lib.calibration import calibrate, canonical_modes
 from lance_lib.experiments.base import register_experiment
 from lance_lib.experiments.probe import TailProbeConfig, TailRecord, run_cached, tail_inputs
+from lance_lib.experiments.setup import pretrain_settings
 from lance_lib.experiments.sweeps import register_sweep
 from lance_lib.layers import compress, restore
 from lance_lib.progress import progress_bar
@@ -251,7 +252,7 @@ def memory_breakdown(params: Mapping[str, Any]) -> list[RegionMemoryConfig]:
     ``pretrain_resolution``).
     """
     finetune = dict(params.get("finetune") or {})
-    pretrain = {k: finetune[k] for k in ("pretrain_epochs", "pretrain_resolution") if k in finetune}
+    pretrain = pretrain_settings(finetune)
     by_model = params.get("weights_by_model") or {}
     return [
         RegionMemoryConfig(

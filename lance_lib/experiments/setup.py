@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import numbers
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,6 +74,7 @@ __all__ = [
     "dataset_num_classes",
     "default_resolution",
     "prepare_finetuning",
+    "pretrain_settings",
     "reference_sha256",
     "resolve_device",
     "select_tail",
@@ -138,6 +139,16 @@ def check_classes(classes: Sequence[int] | None, num_classes: int | None) -> tup
             f"classes={out}: pick labels{span}, or classes=None for the default split"
         )
     return tuple(out)
+
+
+def pretrain_settings(finetune: Mapping[str, Any]) -> dict[str, Any]:
+    """The on-the-fly pretraining settings a profile's ``finetune`` section sets, if any.
+
+    ``pretrain_epochs`` and ``pretrain_resolution`` matter only for
+    ``weights="pretrained-split-A"``; a profile on the reference weights may leave them
+    out, and the callee's defaults then apply.
+    """
+    return {k: finetune[k] for k in ("pretrain_epochs", "pretrain_resolution") if k in finetune}
 
 
 def default_resolution(model: str, weights: str | None) -> int:
