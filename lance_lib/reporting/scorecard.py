@@ -14,20 +14,62 @@ from pathlib import Path
 from typing import Any
 
 from lance_lib.io import write_json_atomic, write_text_atomic
+from lance_lib.reporting.claim_records import READINGS
 from lance_lib.reporting.claims import VERDICTS, Records
 from lance_lib.reporting.provenance import record_sources
 
-__all__ = ["EVIDENCE_NOTEBOOKS", "evidence_provenance", "gather_records", "write_scorecard"]
+__all__ = [
+    "EVIDENCE_NOTEBOOKS",
+    "counts",
+    "evidence_provenance",
+    "gather_records",
+    "reading_summary",
+    "write_scorecard",
+]
+
+
+def _verdict_cell(claim: Mapping[str, Any]) -> str:
+    """The verdict, with each reading's beside it (b, c, j) or the claim it goes with (g)."""
+    cell = f"**{claim['verdict']}**"
+    readings = claim.get("readings") or {}
+    if readings:
+        cell += " (" + "; ".join(f"{r['label']}: {r['verdict']}" for r in readings.values()) + ")"
+    if claim.get("reported_with"):
+        cell += f", reported with {claim['reported_with']}, not counted"
+    return cell
+
+
+def counts(claims: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    """How many counted claims (not those reported with another) got each verdict."""
+    counted = [c for c in claims if c.get("counted", True)]
+    return {v: sum(c["verdict"] == v for c in counted) for v in VERDICTS}
+
+
+def reading_summary(claims: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, list[str]]]:
+    """``{reading: {verdict: [claim ids]}}`` over the claims judged per reading (b, c, j)."""
+    out: dict[str, dict[str, list[str]]] = {}
+    for c in claims:
+        for name, r in (c.get("readings") or {}).items():
+            out.setdefault(name, {v: [] for v in VERDICTS})[r["verdict"]].append(c["id"])
+    return out
 
 
 def write_scorecard(
     claims: Sequence[Mapping[str, Any]], directory: str | Path, *, provenance: Mapping[str, Any]
 ) -> tuple[Path, Path]:
-    """Write ``claims.json`` (the list, with provenance) and ``claims.md`` (a table)."""
+    """Write ``claims.json`` and ``claims.md`` (a table, the totals, the readings, the records).
+
+    ``claims.json`` holds ``claims`` (:func:`~lance_lib.reporting.claims.evaluate_claims`:
+    per claim its rule, records, seeds and interval), ``counts`` (:func:`counts`),
+    ``readings`` (:func:`reading_summary`) and ``provenance``.
+    """
     directory = Path(directory)
+    readings = reading_summary(claims)
     json_path = write_json_atomic(
-        directory / "claims.json", {"claims": list(claims), "provenance": dict(provenance)}
-    )
+        directory / "claims.json",
+        {"claims": list(claims), "counts": counts(claims), "readings": readings,
+         "provenance": dict(provenance)},
+    )  # fmt: skip
     lines = [
         "| id | claim | source | paper | ours | rule | like for like | verdict |",
         "|---|---|---|---|---|---|---|---|",
@@ -35,11 +77,21 @@ def write_scorecard(
     for c in claims:
         note = f" ({c['reason']})" if c.get("reason") else ""
         cells = [c["id"], c["claim"], c["source"], c["paper"], c["ours"] + note, c["rule"],
-                 "yes" if c["like_for_like"] else "no", f"**{c['verdict']}**"]  # fmt: skip
+                 "yes" if c["like_for_like"] else "no", _verdict_cell(c)]  # fmt: skip
         lines.append("| " + " | ".join(str(x).replace("|", "/") for x in cells) + " |")
-    counts = {v: sum(c["verdict"] == v for c in claims) for v in VERDICTS}
-    lines += ["", ", ".join(f"{n} {v}" for v, n in counts.items()), "",
-              "Protocols: " + "; ".join(f"{c['id']}: {c['protocol']}" for c in claims)]  # fmt: skip
+    uncounted = [c["id"] for c in claims if not c.get("counted", True)]
+    lines += ["", ", ".join(f"{n} {v}" for v, n in counts(claims).items())
+              + (f" (not counted: {', '.join(uncounted)})" if uncounted else ""), ""]  # fmt: skip
+    for name, by_verdict in readings.items():
+        parts = [", ".join(by_verdict["reproduced"]) or "none"]
+        parts += [f"{v}: {', '.join(ids)}" for v, ids in by_verdict.items()
+                  if ids and v != "reproduced"]  # fmt: skip
+        lines.append(f"- {READINGS[name]} reproduces: " + "; ".join(parts))
+    lines += ["", "Protocols: " + "; ".join(f"{c['id']}: {c['protocol']}" for c in claims), "",
+              "Records (relative to the repository):", ""]  # fmt: skip
+    for c in claims:
+        if c.get("records"):
+            lines.append(f"- {c['id']}: " + ", ".join(f"`{n}`" for n in c["records"]))
     md_path = write_text_atomic(directory / "claims.md", "\n".join(lines) + "\n")
     return json_path, md_path
 
