@@ -8,6 +8,8 @@ of the project (result records, figures, tables, the weights manifest) carries i
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import platform
 import subprocess
 from collections.abc import Mapping, Sequence
@@ -17,18 +19,36 @@ from typing import Any
 
 import torch
 
-__all__ = ["cpu_model", "environment", "git_commit", "record"]
+from lance_lib.io import jsonable
+
+__all__ = [
+    "DECIDING_PATHS",
+    "cpu_model",
+    "environment",
+    "git_commit",
+    "parameters_sha256",
+    "record",
+]
 
 _REPO = Path(__file__).resolve().parent.parent
+
+#: What decides a number: a change here (tracked, or a new file git does not ignore)
+#: makes the checkout dirty.
+DECIDING_PATHS = ("lance_lib", "profiles", "notebooks", "bench", "Makefile")
 _PACKAGES = ("torch", "torchvision", "tensorly", "numpy")
 
 
 @functools.cache
 def git_commit() -> dict[str, Any]:
-    """``{"commit": sha or None, "dirty": bool or None}`` of the checkout holding the library.
+    """The commit of the checkout holding the library and whether it is clean.
 
-    ``dirty`` is True when tracked files differ from the commit (the numbers then come
-    from code that no commit holds).
+    Returns
+    -------
+    dict
+        ``commit`` (sha or ``None`` outside git), ``dirty`` (``True`` when a file under
+        :data:`DECIDING_PATHS` differs from the commit or is new and not ignored: the
+        numbers then come from code, profiles or notebooks that no commit holds; ``None``
+        when git cannot tell) and ``dirty_paths`` (those files, at most 20).
     """
 
     def git(*args: str) -> str | None:
@@ -38,13 +58,26 @@ def git_commit() -> dict[str, Any]:
             )
         except (OSError, subprocess.SubprocessError):
             return None
-        return out.stdout.strip()
+        return out.stdout
 
-    commit = git("rev-parse", "HEAD")
+    commit = (git("rev-parse", "HEAD") or "").strip()
     if not commit:
-        return {"commit": None, "dirty": None}
-    status = git("status", "--porcelain", "--untracked-files=no", "--", "lance_lib")
-    return {"commit": commit, "dirty": bool(status) if status is not None else None}
+        return {"commit": None, "dirty": None, "dirty_paths": []}
+    status = git("status", "--porcelain", "--untracked-files=all", "--", *DECIDING_PATHS)
+    if status is None:
+        return {"commit": commit, "dirty": None, "dirty_paths": []}
+    paths = [line[3:] for line in status.splitlines() if line.strip()]
+    return {"commit": commit, "dirty": bool(paths), "dirty_paths": paths[:20]}
+
+
+def parameters_sha256(parameters: Mapping[str, Any]) -> str:
+    """SHA-256 of the canonical JSON of resolved parameters (a notebook's, a config's).
+
+    Keys sorted, no whitespace, values made JSON-ready by :func:`lance_lib.io.jsonable`:
+    equal parameters give equal hashes whatever their order or container types.
+    """
+    canonical = json.dumps(jsonable(parameters), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 @functools.cache

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from lance_lib import provenance as run_provenance
 from lance_lib.reporting import (
     Provenance,
     paper_table,
@@ -225,3 +226,40 @@ def test_footer_stays_below_an_outside_legend(tmp_path):
     fig.canvas.mpl_connect("draw_event", measure)
     save_figure(fig, tmp_path / "f", provenance=PROV)
     assert seen and all(top <= bottom for top, bottom in seen), seen
+
+
+def test_sidecar_holds_the_hash_of_the_resolved_parameters(tmp_path):
+    params = {"seed": 0, "finetune": {"epochs": 3, "weights": "reference"}, "models": ["a"]}
+    same = {"models": ("a",), "finetune": {"weights": "reference", "epochs": 3}, "seed": 0}
+    prov = Provenance("smoke", "cifar10_mini", "resnet18", parameters=params)
+    meta = json.loads(prov.write_sidecar(tmp_path / "t").read_text())
+    assert meta["parameters_sha256"] == run_provenance.parameters_sha256(same)
+    assert len(meta["parameters_sha256"]) == 64
+    assert meta["parameters_sha256"] != run_provenance.parameters_sha256({**params, "seed": 1})
+    assert Provenance("smoke", "d", "m").as_dict()["parameters_sha256"] is None
+
+
+def test_dirty_flag_covers_everything_that_decides_a_number(tmp_path, monkeypatch):
+    import subprocess
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    for name in ("lance_lib/x.py", "profiles/p.yaml", "notebooks/n.ipynb", "bench/b.py",
+                 "Makefile", "README.md"):  # fmt: skip
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("0\n")
+    git("init", "-q")
+    git("add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c")
+    monkeypatch.setattr(run_provenance, "_REPO", tmp_path)
+    state = run_provenance.git_commit.__wrapped__
+    assert state()["dirty"] is False
+    (tmp_path / "README.md").write_text("1\n")  # documentation decides no number
+    assert state()["dirty"] is False
+    for name in ("profiles/p.yaml", "Makefile", "bench/b.py", "notebooks/n.ipynb"):
+        (tmp_path / name).write_text("1\n")
+        assert state()["dirty"] is True and name in state()["dirty_paths"]
+        git("checkout", "--", name)
+    (tmp_path / "lance_lib" / "new.py").write_text("")  # a new module, not yet committed
+    assert state() == {**state(), "dirty": True, "dirty_paths": ["lance_lib/new.py"]}

@@ -71,6 +71,9 @@ class Provenance:
         on the fly).
     device
         The device the experiments ran on (its GPU model is recorded when CUDA).
+    parameters
+        The resolved parameters that produced the output (a notebook's ``params``); the
+        sidecar keeps their :func:`lance_lib.provenance.parameters_sha256`.
 
     Raises
     ------
@@ -85,6 +88,7 @@ class Provenance:
     seeds: tuple[int, ...] | int = ()
     weights: Mapping[str, str] = field(default_factory=dict)
     device: str | None = None
+    parameters: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if not self.profile:
@@ -121,12 +125,15 @@ class Provenance:
     def as_dict(self) -> dict[str, Any]:
         """The sidecar's content: the fields above plus :func:`lance_lib.provenance.record`.
 
-        Keys ``profile``, ``datasets``, ``models``, ``notes``, ``seeds``, ``weights`` and
-        those of :func:`lance_lib.provenance.environment` (``commit``, ``dirty``,
+        Keys ``profile``, ``datasets``, ``models``, ``notes``, ``seeds``, ``weights``,
+        ``parameters_sha256`` (``None`` when no parameters were given) and those of
+        :func:`lance_lib.provenance.environment` (``commit``, ``dirty``, ``dirty_paths``,
         ``python``, ``versions``, ``cpu``, ``cpu_count``, ``torch_threads``, ``device``,
         ``gpu``, ...).
         """
+        params = self.parameters
         return run_provenance.record(
+            parameters_sha256=None if params is None else run_provenance.parameters_sha256(params),
             seeds=list(self.seeds),
             weights=self.weights,
             device=self.device,
