@@ -24,6 +24,8 @@ from lance_lib.reporting import (
     table_to_markdown,
     use_style,
 )
+from lance_lib.reporting.finetune_tables import finetune_rows, paper_comparison, seed_summary
+from tests.synthetic_records import finetune_record
 
 PROV = Provenance("smoke", ["cifar10_mini"], ["resnet18"], ["1 epoch"])
 
@@ -263,3 +265,33 @@ def test_dirty_flag_covers_everything_that_decides_a_number(tmp_path, monkeypatc
         git("checkout", "--", name)
     (tmp_path / "lance_lib" / "new.py").write_text("")  # a new module, not yet committed
     assert state() == {**state(), "dirty": True, "dirty_paths": ["lance_lib/new.py"]}
+
+
+def test_seed_summary_gives_mean_std_and_the_paired_gap_interval_per_setting():
+    records = []
+    for seed, gap in enumerate((-1.0, -2.0, -3.0)):
+        records += [finetune_record("bp", seed=seed, acc=0.60 + seed / 100),
+                    finetune_record("lance", seed=seed, acc=0.60 + (seed + gap) / 100)]  # fmt: skip
+    records.append(finetune_record("lance", seed=0, acc=0.5, layers=2))  # no BP partner
+    summary = seed_summary(finetune_rows(records)).set_index(["method", "layers"])
+    bp, lance = summary.loc["bp", 4], summary.loc["lance", 4]
+    assert bp["seeds"] == [0, 1, 2] and bp["acc mean"] == pytest.approx(61.0)
+    assert bp["acc std"] == pytest.approx(1.0) and np.isnan(bp["gap to BP"])
+    assert lance["gap to BP"] == pytest.approx(-2.0) and lance["gap std"] == pytest.approx(1.0)
+    half = 4.302652729911275 / 3**0.5
+    assert lance["gap 95% CI low"] == pytest.approx(-2 - half)
+    assert lance["gap 95% CI high"] == pytest.approx(-2 + half)
+    alone = summary.loc["lance", 2]
+    assert np.isnan(alone["acc std"]) and np.isnan(alone["gap to BP"])
+
+
+def test_table2_like_for_like_only_when_every_setting_is_the_papers():
+    ours = finetune_record("bp")
+    paper = finetune_record("bp")
+    paper["settings"] = {**paper["settings"], "weights": "IMAGENET1K_V1", "resolution": 224,
+                         "epochs": 50}  # fmt: skip
+    paper["classes"] = list(range(10))
+    table = paper_comparison(finetune_rows([ours, paper]), [2], "TFLOPs", 1e12, paper_batch=128)
+    assert table["like for like"].tolist() == [False, True]
+    assert "weights reference (paper IMAGENET1K_V1)" in table["differs"][0]
+    assert "classes 5 of 10" in table["differs"][0] and table["differs"][1] == ""

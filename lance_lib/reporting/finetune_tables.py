@@ -18,12 +18,20 @@ from typing import Any
 import pandas as pd
 
 from lance_lib.experiments.finetune_config import FinetuneConfig
-from lance_lib.experiments.finetune_sweeps import fig3_points
+from lance_lib.experiments.finetune_sweeps import SMALL_BATCHES, fig3_points
+from lance_lib.reporting.claim_records import record_name, settings_differences
 from lance_lib.reporting.comparison import paper_vs_ours
+from lance_lib.reporting.intervals import paired_interval
 from lance_lib.reporting.paper_numbers import PAPER_DATASET, PAPER_MODEL, paper_table
 from lance_lib.reporting.style import method_label
 
-__all__ = ["fig3_rows", "finetune_rows", "paper_comparison", "table1_comparison"]
+__all__ = [
+    "fig3_rows",
+    "finetune_rows",
+    "paper_comparison",
+    "seed_summary",
+    "table1_comparison",
+]
 
 _KEYS = ["model", "dataset", "method", "layers", "batch_size"]
 
@@ -40,13 +48,18 @@ def finetune_rows(records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     Returns
     -------
     DataFrame
-        ``model, dataset, method, layers, batch_size, eps, num_batches, classes,
-        accuracy`` (%), ``analytic_mb, analytic_bp_mb, measured_mb, flops, step_s`` and
-        ``results_file``.
+        ``model, dataset, method, layers, batch_size, eps, num_batches, modes`` (LANCE's
+        compressed modes, else ``None``), ``seed, classes, accuracy`` (%),
+        ``analytic_mb, analytic_bp_mb, measured_mb, flops, step_s``, ``differs`` (how
+        the run departs from the paper's protocol, ``""`` when it does not:
+        :func:`~lance_lib.reporting.claim_records.settings_differences`, at the paper's
+        batch 128, or the run's own batch for Tables 8-9) and ``results_file`` (relative
+        to the repository).
     """
     rows = []
     for r in records:
         s, m = r["settings"], r["measurements"]
+        batch = s["batch_size"] if s["batch_size"] in SMALL_BATCHES else 128
         if m is None:
             raise ValueError(f"{r.get('path')}: a table needs measured runs (measure=True)")
         rows.append(
@@ -54,6 +67,8 @@ def finetune_rows(records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
                 **{key: s[key] for key in _KEYS},
                 "eps": s["eps"],
                 "num_batches": s["num_batches"],
+                "modes": (s.get("method_settings") or {}).get("modes"),
+                "seed": s["seed"],
                 "classes": r["classes"],
                 "accuracy": 100 * r["final_accuracy"],
                 "analytic_mb": m["analytic_mb"],
@@ -61,9 +76,52 @@ def finetune_rows(records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
                 "measured_mb": m["measured_layer_bytes"] / 2**20,
                 "flops": m["flops_measured"],
                 "step_s": m["step_s_median"],
-                "results_file": Path(r["path"]).name if "path" in r else None,
+                "differs": "; ".join(settings_differences(s, r["classes"], paper_batch=batch)),
+                "results_file": record_name(r) if "path" in r else None,
             }
         )
+    return pd.DataFrame(rows)
+
+
+def seed_summary(df: pd.DataFrame) -> pd.DataFrame:
+    """Accuracy over seeds per setting, and each method's paired gap to BP.
+
+    Parameters
+    ----------
+    df
+        Rows of :func:`finetune_rows` (one per record, several seeds per setting).
+
+    Returns
+    -------
+    DataFrame
+        One row per ``model, dataset, method, modes, layers, batch_size, eps,
+        num_batches``: ``seeds`` (list), ``acc mean``, ``acc std`` (``NaN`` for one
+        seed), and for methods other than BP ``gap to BP`` (mean per-seed difference,
+        points), ``gap std``, ``gap 95% CI low`` and ``high`` (paired t-interval over the
+        seeds both ran; ``NaN`` for one seed: no interval) and ``paired seeds``.
+    """
+    import numpy as np
+
+    keys = ["model", "dataset", "method", "modes", "layers", "batch_size", "eps", "num_batches"]
+    pair = ["model", "dataset", "layers", "batch_size", "seed"]
+    bp = df[df.method == "bp"].set_index(pair)["accuracy"]
+    bp = bp[~bp.index.duplicated()]
+    rows = []
+    for values, group in df.groupby(keys, dropna=False, sort=False):
+        row = dict(zip(keys, values, strict=True))
+        acc = group.sort_values("seed")
+        row.update(seeds=acc.seed.tolist(), **{"acc mean": acc.accuracy.mean(),
+                   "acc std": acc.accuracy.std() if len(acc) > 1 else np.nan})  # fmt: skip
+        gaps = []
+        for r in acc.itertuples() if row["method"] != "bp" else ():
+            key = tuple(getattr(r, c) for c in pair)
+            if key in bp.index:
+                gaps.append((int(r.seed), r.accuracy - bp[key]))
+        if gaps:
+            iv = paired_interval([g for _, g in gaps], [s for s, _ in gaps])
+            row.update({"gap to BP": iv.mean, "gap std": iv.std, "gap 95% CI low": iv.low,
+                        "gap 95% CI high": iv.high, "paired seeds": list(iv.seeds)})  # fmt: skip
+        rows.append(row)
     return pd.DataFrame(rows)
 
 
@@ -98,8 +156,9 @@ def paper_comparison(
     DataFrame
         ``ours on`` (dataset, batch), the keys (``paper on``: the paper's dataset,
         ``paper batch``), ``paper mark`` (the paper's source marks), ``like for like``
-        (a dataset the paper reports, at its batch size), then per metric paper / ours
-        / difference, and ``MB (measured, ours)``.
+        (dataset, classes, resolution, weights, epochs and batch all the paper's),
+        ``differs`` (what is not), then per metric paper / ours / difference, and
+        ``MB (measured, ours)``.
     """
     reference = dict(paper_reference or {})
 
@@ -127,11 +186,8 @@ def paper_comparison(
         0, "ours on", [f"{x}, batch {b}" for x, b in zip(df.dataset, df.batch_size, strict=True)]
     )
     table = table.rename(columns={"dataset": "paper on", "batch_size": "paper batch"})
-    like = [
-        PAPER_DATASET.get(x) is not None and b == pb
-        for x, b, pb in zip(df.dataset, df.batch_size, ours.batch_size, strict=True)
-    ]
-    table.insert(len(_KEYS) + 2, "like for like", like)
+    table.insert(len(_KEYS) + 2, "like for like", (df.differs == "").to_numpy())
+    table.insert(len(_KEYS) + 3, "differs", df.differs.to_numpy())
     table["MB (measured, ours)"] = df.measured_mb.to_numpy()
     return table.rename(columns=lambda c: c.replace("FLOPs", flops_metric))
 
