@@ -303,15 +303,24 @@ def _claim_a(records: Records) -> Outcome:
 # ------------------------------------------------------------------------ claims b-j
 
 
-def _claim_b_reading(records: Records, name: str) -> Outcome:
-    pool = finetune_pool(records)
-    runs = [r for r in _finetune_records(records, "fig2_angle") if reading(r) == name]
-    if not runs:
-        return _not_measured(f"fig2_angle holds no LANCE run read as {READINGS[name]}")
+def _runs_by_task(
+    records: Records, notebook: str, name: str, *, with_layers: bool
+) -> tuple[list[Record], list[Record], dict[str, list[Record]]]:
+    """Every fine-tuning record (BP partners), the notebook's LANCE runs of reading
+    ``name``, and those runs per task (model/dataset, and layers ``with_layers``)."""
+    runs = [r for r in _finetune_records(records, notebook) if reading(r) == name]
     tasks: dict[str, list[Record]] = {}
     for r in runs:
         s = _settings(r)
-        tasks.setdefault(f"{s['model']}/{s['dataset']}/{s['layers']} convs", []).append(r)
+        task = f"{s['model']}/{s['dataset']}" + (f"/{s['layers']} convs" if with_layers else "")
+        tasks.setdefault(task, []).append(r)
+    return finetune_pool(records), runs, tasks
+
+
+def _claim_b_reading(records: Records, name: str) -> Outcome:
+    pool, runs, tasks = _runs_by_task(records, "fig2_angle", name, with_layers=True)
+    if not runs:
+        return _not_measured(f"fig2_angle holds no LANCE run read as {READINGS[name]}")
     per_task = {t: _mean([_mean(r["angle_deg"]) for r in group]) for t, group in tasks.items()}
     parts = [(_decide(all(a < 70 for a in per_task.values())), "")]
     checks = []
@@ -621,13 +630,9 @@ def _claim_i(records: Records) -> Outcome:
 
 
 def _claim_j_reading(records: Records, name: str) -> Outcome:
-    pool = finetune_pool(records)
-    runs = [r for r in _finetune_records(records, "fig4_eps_gradient") if reading(r) == name]
+    pool, runs, tasks = _runs_by_task(records, "fig4_eps_gradient", name, with_layers=False)
     if not runs:
         return _not_measured(f"fig4_eps_gradient holds no LANCE run read as {READINGS[name]}")
-    tasks: dict[str, list[Record]] = {}
-    for r in runs:
-        tasks.setdefault(f"{_settings(r)['model']}/{_settings(r)['dataset']}", []).append(r)
     parts, texts = [], []
     for task, group in sorted(tasks.items()):
         eps = sorted({_settings(r)["eps"] for r in group})
