@@ -11,7 +11,13 @@ them here.
 * :mod:`~lance_lib.reporting.provenance`: :class:`Provenance`, the caption and sidecar;
 * :mod:`~lance_lib.reporting.paper_numbers`: the paper's published tables;
 * :mod:`~lance_lib.reporting.comparison`: :func:`paper_vs_ours`;
-* :mod:`~lance_lib.reporting.accuracy_matrix`: :func:`plot_accuracy_matrix`.
+* :mod:`~lance_lib.reporting.accuracy_matrix`: :func:`plot_accuracy_matrix`;
+* :mod:`~lance_lib.reporting.finetune_tables`: fine-tuning records as tables, over seeds;
+* :mod:`~lance_lib.reporting.intervals`: mean, std and paired t-intervals over seeds;
+* :mod:`~lance_lib.reporting.claim_records`: what the claims read from records (readings
+  of LANCE, seed pairs, record files, "like for like");
+* :mod:`~lance_lib.reporting.claims` and :mod:`~lance_lib.reporting.scorecard`: the
+  paper's claims, their fixed rules and verdicts, written as ``claims.json``/``.md``.
 """
 
 from .accuracy_matrix import plot_accuracy_matrix
