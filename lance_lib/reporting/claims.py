@@ -241,12 +241,12 @@ def _measured_mb(record: Record) -> float:
     return record["measurements"]["measured_layer_bytes"] / 2**20
 
 
-def _not_bp(runs: Sequence[Record], pool: Sequence[Record], angle: Callable[[Record], float]
-            ) -> tuple[list[tuple[str, str]], str]:  # fmt: skip
-    """Parts "LANCE is not BP" at the smallest eps of ``runs``: angle and measured memory."""
+def _not_bp(runs: Sequence[Record], pool: Sequence[Record]) -> tuple[list[tuple[str, str]], str]:
+    """Parts "LANCE is not BP" at the smallest eps of ``runs``: the mean angle to BP over
+    the epochs, and the measured memory of the compressed layers against BP's record."""
     smallest = min(_settings(r)["eps"] for r in runs)
     at = [r for r in runs if _settings(r)["eps"] == smallest]
-    angles = [angle(r) for r in at]
+    angles = [_mean(r["angle_deg"]) for r in at]
     moved = min(angles) > ANGLE_FLOOR_DEG
     note = "" if moved else f"angle {min(angles):.3f} deg at eps {smallest:g}: BP's gradient"
     parts = [(_decide(moved), note)]
@@ -325,7 +325,7 @@ def _claim_b_reading(records: Records, name: str) -> Outcome:
     parts = [(_decide(all(a < 70 for a in per_task.values())), "")]
     checks = []
     for task, group in sorted(tasks.items()):
-        task_parts, text = _not_bp(group, pool, lambda r: _mean(r["angle_deg"]))
+        task_parts, text = _not_bp(group, pool)
         parts += [(v, f"{task}: {note}" if note else "") for v, note in task_parts]
         checks.append(f"{task} {text}")
     verdict, reason = _combine(parts)
@@ -646,7 +646,7 @@ def _claim_j_reading(records: Records, name: str) -> Outcome:
         falls = all(b <= a + s for a, b, s in zip(angle, angle[1:], std[1:], strict=False))
         rises = all(b >= a for a, b in zip(memory, memory[1:], strict=False))
         parts.append((_decide(falls and rises), ""))
-        not_bp, text = _not_bp(group, pool, lambda r: _mean(r["angle_deg"]))
+        not_bp, text = _not_bp(group, pool)
         parts += [(v, f"{task}: {note}" if note else "") for v, note in not_bp]
         texts.append(
             f"{task}: angle {', '.join(f'{a:.1f}' for a in angle)} deg over eps "
