@@ -220,6 +220,10 @@ def _spearman(x: Sequence[float], y: Sequence[float]) -> float:
     return cov / (vx * vy) if vx and vy else float("nan")
 
 
+def _task(record: Record) -> tuple[str, str]:
+    return _settings(record)["model"], _settings(record)["dataset"]
+
+
 def _finetune_records(records: Records, notebook: str) -> list[Record]:
     return [r for r in records.get(notebook, ()) if r is not None]
 
@@ -409,17 +413,24 @@ def _claim_d(records: Records) -> Outcome:
             and not _settings(r).get("method_options")]  # fmt: skip
     if not runs:
         return _not_measured("the profile's fig3_ablation sweep holds no default LANCE run")
-    by_n: dict[int, set[float]] = {}
+    by_n: dict[tuple, set[float]] = {}  # (model, dataset, N): the eps values run
+    by_task: dict[tuple, set[int]] = {}  # (model, dataset): the N values run at eps 0.7
     for r in runs:
-        by_n.setdefault(_settings(r)["num_batches"], set()).add(_settings(r)["eps"])
-    n_star = max(by_n, key=lambda n: (len(by_n[n]), n))  # the eps sweep's N
-    eps_sweep = [r for r in runs if _settings(r)["num_batches"] == n_star]
-    n_sweep = [r for r in runs if _settings(r)["eps"] == 0.7]
+        s = _settings(r)
+        by_n.setdefault((s["model"], s["dataset"], s["num_batches"]), set()).add(s["eps"])
+        if s["eps"] == 0.7:
+            by_task.setdefault((s["model"], s["dataset"]), set()).add(s["num_batches"])
+    eps_key = max(by_n, key=lambda k: (len(by_n[k]), k[2]))  # the eps sweep and its N
+    n_star = eps_key[2]
+    eps_sweep = [r for r in runs if _task(r) + (_settings(r)["num_batches"],) == eps_key]
+    n_key = max(by_task, key=lambda k: len(by_task[k]), default=None)
+    n_sweep = [r for r in runs if _settings(r)["eps"] == 0.7 and _task(r) == n_key]
     eps = sorted({_settings(r)["eps"] for r in eps_sweep})
     ns = sorted({_settings(r)["num_batches"] for r in n_sweep})
     if len(eps) < 3 or len(ns) < 2:
         return _not_measured(
-            f"fig3_ablation has eps {eps} at N = {n_star} and N {ns} at eps 0.7: too few points",
+            f"fig3_ablation has eps {eps} at N = {n_star} and N {ns} at eps 0.7 on one "
+            "model and dataset: too few points",
             records=runs,
         )
 
