@@ -323,6 +323,10 @@ def test_i_judges_accuracy_only_on_enough_images_or_seeds_and_memory_at_the_peak
     assert _verdicts({"transformer_finetune": seeds})["i"]["verdict"] == "reproduced"
     peak = [_vit(s, recompute=0.5) for s in range(3)]
     assert _verdicts({"transformer_finetune": peak})["i"]["verdict"] == "not reproduced"
+    for record in seeds:  # an older record: no recomputation bytes, so no peak
+        del record["rows"][1]["recompute_bytes"]
+    no_peak = _verdicts({"transformer_finetune": seeds})["i"]
+    assert no_peak["verdict"] == "not measured" and "recompute_bytes" in no_peak["reason"]
 
 
 # --------------------------------------------------------------------------- scorecard

@@ -126,7 +126,8 @@ class Outcome:
         The seeds behind the numbers.
     interval
         :meth:`~lance_lib.reporting.intervals.Interval.as_dict` of the paired differences
-        the rule judged (c, d, g), else ``None``.
+        the rule judged (c: LANCE - BP; d: N = 2 - largest N), ``{"<k> convs": ...}`` for
+        g (one per layer count), else ``None``.
     readings
         Claims b, c, j: ``{reading: outcome of that reading as a dict}``.
     """
