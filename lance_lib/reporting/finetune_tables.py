@@ -12,7 +12,6 @@ those of one training step (``FlopCounterMode``).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -254,7 +253,7 @@ def fig3_rows(
                 "memory_mb": r["measurements"]["analytic_mb"],
                 "bp_memory_mb": bp["measurements"]["analytic_mb"],
                 "bp_accuracy": 100 * bp["final_accuracy"],
-                "results_file": Path(r["path"]).name if "path" in r else None,
+                "results_file": record_name(r) if "path" in r else None,
             }
         )
     return pd.DataFrame(rows)
