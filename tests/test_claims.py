@@ -346,3 +346,19 @@ def test_scorecard_counts_g_with_c_and_names_the_records(tmp_path):
     text = md_path.read_text()
     assert "r0.json" in text and "reported with c" in text
     assert "Eq. 1 as written (modes='all') reproduces: c" in text
+
+
+def test_c_names_the_staleness_diagnostics_and_pairs_runs_that_only_measure_energy():
+    records = _table2([-8.0, -7.5, -7.7], modes="all")
+    for r in records[1::2]:  # LANCE measured its captured energy: it still pairs with BP
+        r["settings"] = {**r["settings"], "energy_batches": 4}
+        r["diagnostics"] = {"subspace_energy": {"l1": [0.9, 0.7, 0.5], "l2": [0.7, 0.5, 0.3]}}
+    for seed, gap in enumerate((-2.0, -1.5, -1.9)):  # recalibrated every epoch
+        again = _ft("lance", seed=seed, acc=0.62 + gap / 100, modes="all")
+        again["settings"] = {**again["settings"], "recalibrate": True}
+        assert reading(again) is None and reading(again, recalibrated=True) == "all"
+        records.append(again)
+    c = _verdicts({"table2_finetune": records})["c"]
+    assert c["verdict"] == "not reproduced" and c["interval"]["n"] == 3
+    assert "captured input energy 0.800 after calibration -> 0.400" in c["reason"]
+    assert "recalibrated every epoch" in c["reason"] and "77 % of the gap closed" in c["reason"]

@@ -58,21 +58,28 @@ PAPER_FINETUNE: dict[str, Any] = {
 _SPLIT_WEIGHTS = ("reference", "pretrained-split-A")
 
 #: Settings that tell the compared runs apart; every other setting must match for a pair.
-_COMPARED = frozenset({"method", "method_options", "method_settings", "eps", "num_batches"})
+#: ``energy_batches`` only measures (LANCE's captured input energy per epoch): a run
+#: with it trains as one without and pairs with BP's.
+_COMPARED = frozenset(
+    {"method", "method_options", "method_settings", "eps", "num_batches", "energy_batches"}
+)
 
 
 def _settings(record: Record) -> Mapping[str, Any]:
     return record["settings"]
 
 
-def reading(record: Record) -> str | None:
+def reading(record: Record, *, recalibrated: bool = False) -> str | None:
     """The reading of LANCE a record ran (a key of :data:`READINGS`), else ``None``.
 
-    ``None`` for other methods, for other mode selections (``"no_batch"``) and for LANCE
-    runs with other method options (diagnostics such as recalibration are not LANCE).
+    ``None`` for other methods, for other mode selections (``"no_batch"``), for LANCE
+    runs with other method options, and for runs recalibrated every epoch (a diagnostic
+    beyond the paper, not LANCE) unless ``recalibrated``, which asks for those only.
     """
     s = _settings(record)
     if s.get("method") != "lance" or set(s.get("method_options") or {}) - {"modes"}:
+        return None
+    if bool(s.get("recalibrate")) != recalibrated:
         return None
     modes = (s.get("method_settings") or {}).get("modes")
     modes = "all" if modes is None else modes
@@ -156,7 +163,8 @@ def protocol(records: Sequence[Record]) -> str:
     seeds = sorted({_settings(r)["seed"] for r in records})
     return (
         f"{s['model']} on {s['dataset']} at {s['resolution']} px, weights {s['weights']}, "
-        f"{s['epochs']} epochs, batch {s['batch_size']}, seeds {seeds}"
+        f"{s['epochs']} epochs, batch {s['batch_size']}, lr {s.get('lr')} "
+        f"{s.get('lr_schedule', 'constant')}, momentum {s.get('momentum')}, seeds {seeds}"
     )
 
 

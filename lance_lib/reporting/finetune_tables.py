@@ -48,7 +48,8 @@ def finetune_rows(records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     -------
     DataFrame
         ``model, dataset, method, layers, batch_size, eps, num_batches, modes`` (LANCE's
-        compressed modes, else ``None``), ``seed, classes, accuracy`` (%),
+        compressed modes, else ``None``), ``recalibrate`` (LANCE recalibrated every
+        epoch, a diagnostic), ``epochs, lr_schedule, seed, classes, accuracy`` (%),
         ``analytic_mb, analytic_bp_mb, measured_mb, flops, step_s``, ``differs`` (how
         the run departs from the paper's protocol, ``""`` when it does not:
         :func:`~lance_lib.reporting.claim_records.settings_differences`, at the paper's
@@ -67,6 +68,9 @@ def finetune_rows(records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
                 "eps": s["eps"],
                 "num_batches": s["num_batches"],
                 "modes": (s.get("method_settings") or {}).get("modes"),
+                "recalibrate": bool(s.get("recalibrate")),
+                "epochs": s["epochs"],
+                "lr_schedule": s.get("lr_schedule", "constant"),
                 "seed": s["seed"],
                 "classes": r["classes"],
                 "accuracy": 100 * r["final_accuracy"],
@@ -93,16 +97,18 @@ def seed_summary(df: pd.DataFrame) -> pd.DataFrame:
     Returns
     -------
     DataFrame
-        One row per ``model, dataset, method, modes, layers, batch_size, eps,
-        num_batches``: ``seeds`` (list), ``acc mean``, ``acc std`` (``NaN`` for one
-        seed), and for methods other than BP ``gap to BP`` (mean per-seed difference,
-        points), ``gap std``, ``gap 95% CI low`` and ``high`` (paired t-interval over the
-        seeds both ran; ``NaN`` for one seed: no interval) and ``paired seeds``.
+        One row per ``model, dataset, method, modes, recalibrate, layers, batch_size,
+        eps, num_batches, epochs, lr_schedule``: ``seeds`` (list), ``acc mean``,
+        ``acc std`` (``NaN`` for one seed), and for methods other than BP ``gap to BP``
+        (mean per-seed difference, points), ``gap std``, ``gap 95% CI low`` and ``high``
+        (paired t-interval over the seeds both ran; ``NaN`` for one seed: no interval)
+        and ``paired seeds``.
     """
     import numpy as np
 
-    keys = ["model", "dataset", "method", "modes", "layers", "batch_size", "eps", "num_batches"]
-    pair = ["model", "dataset", "layers", "batch_size", "seed"]
+    keys = ["model", "dataset", "method", "modes", "recalibrate", "layers", "batch_size", "eps",
+            "num_batches", "epochs", "lr_schedule"]  # fmt: skip
+    pair = ["model", "dataset", "layers", "batch_size", "epochs", "lr_schedule", "seed"]
     bp = df[df.method == "bp"].set_index(pair)["accuracy"]
     bp = bp[~bp.index.duplicated()]
     rows = []
