@@ -46,7 +46,7 @@ from torch import nn
 
 from .calibration import LayerSubspace, Subspaces, check_modes, modes_jsonable, resolve_modes
 from .hosvd import ModeCovariance, check_eps, leading_subspace, project, reconstruct
-from .layers import set_submodule
+from .models.surgery import set_submodule
 
 __all__ = [
     "LeanBatchNorm2d",

@@ -7,7 +7,9 @@
 ``strategies``  the strategy registry; LANCE, sequential fine-tuning, multitask
 ``gpm``         the GPM baseline with its reference per-layer sample counts
 ``training``    the task-incremental protocol (Table 7's schedule) on the one loop
-``benchmarks``  :class:`BenchmarkSpec`, the benchmark registry, task loading
+``specs``       plain data: :class:`BenchmarkSpec`, :class:`ContinualTask`,
+                :class:`TaskLayers`, GPM's sample counts
+``benchmarks``  the benchmark registry, task loading
 ``runner``      :class:`ContinualConfig`, the cached record, :func:`run_benchmark`
 ``summary``     table rows from records (ACC, BWT, memory, ranks, frozen layers)
 ==============  ==================================================================
@@ -25,15 +27,12 @@ Appendix A.2 (Tables 5-7).
 
 from lance_lib.continual.benchmarks import (
     BENCHMARKS,
-    BenchmarkSpec,
-    ContinualTask,
     build_benchmark_model,
     load_benchmark,
     register_benchmark,
 )
 from lance_lib.continual.gpm import (
     GPM,
-    REFERENCE_SAMPLES,
     project_gradients,
     representation_matrices,
     update_bases,
@@ -57,6 +56,7 @@ from lance_lib.continual.runner import (
     run_continual_experiment,
     table3_configs,
 )
+from lance_lib.continual.specs import REFERENCE_SAMPLES, BenchmarkSpec, ContinualTask, TaskLayers
 from lance_lib.continual.strategies import (
     STRATEGIES,
     ContinualStrategy,
@@ -64,7 +64,6 @@ from lance_lib.continual.strategies import (
     LanceCL,
     Multitask,
     SequentialStrategy,
-    TaskLayers,
     backbone_layers,
     build_strategy,
     register_strategy,

@@ -52,12 +52,8 @@ from typing import Any, ClassVar
 import torch
 
 from lance_lib.accounting import MIB
-from lance_lib.continual.benchmarks import (
-    BENCHMARKS,
-    BenchmarkSpec,
-    build_benchmark_model,
-    load_benchmark,
-)
+from lance_lib.continual.benchmarks import BENCHMARKS, build_benchmark_model, load_benchmark
+from lance_lib.continual.specs import BenchmarkSpec
 from lance_lib.continual.strategies import STRATEGIES, build_strategy
 from lance_lib.experiments.base import ExperimentConfig, register_experiment, run_experiment
 from lance_lib.experiments.cache import cached_record, record_path

@@ -21,7 +21,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -38,11 +38,11 @@ from lance_lib.progress import progress_bar
 from lance_lib.validation import check_int, check_real
 
 if TYPE_CHECKING:
-    from lance_lib.continual.benchmarks import BenchmarkSpec, ContinualTask
-    from lance_lib.continual.strategies import SequentialStrategy
+    from lance_lib.continual.specs import BenchmarkSpec, ContinualTask, TaskLayers
 
 __all__ = [
     "PlateauSchedule",
+    "TaskHooks",
     "layer_input_shapes",
     "run_continual",
     "task_accuracy",
@@ -52,6 +52,33 @@ __all__ = [
 
 #: ``forward(model, inputs) -> logits``.
 Forward = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+
+
+class TaskHooks(Protocol):
+    """What :func:`run_continual` calls on a strategy, task after task (its plugin hooks).
+
+    :class:`~lance_lib.continual.strategies.SequentialStrategy` is the one
+    implementation; the protocol keeps this loop free of the strategies' module.
+    """
+
+    name: str
+    drop_last: bool
+
+    def before_task(self, model: MultiHead, task: int, loader: DataLoader) -> TaskLayers:
+        """Prepare task ``task``; say what each layer keeps and which are frozen."""
+        ...
+
+    def after_backward(self, model: MultiHead, task: int) -> None:
+        """Adjust gradients after ``loss.backward()``."""
+        ...
+
+    def after_task(self, model: MultiHead, task: int, loader: DataLoader) -> None:
+        """Finish task ``task``."""
+        ...
+
+    def report(self) -> dict[str, Any]:
+        """Per-task details and the strategy's memory."""
+        ...
 
 
 class PlateauSchedule:
@@ -278,7 +305,7 @@ def _fit(
 def run_continual(
     model: MultiHead,
     tasks: Sequence[ContinualTask],
-    strategy: SequentialStrategy,
+    strategy: TaskHooks,
     spec: BenchmarkSpec,
     *,
     seed: int = 0,

@@ -54,7 +54,7 @@ from ..accounting import (
     time_step,
 )
 from ..calibration import Modes
-from ..layers import set_submodule
+from ..models.surgery import set_submodule
 from ..models.vit import Block, NormLinear, block_linear_names
 from .harness import MethodHandle, apply_method
 from .loract_prenorm import LoRActPreNormBlock, LoRActPreNormLinear

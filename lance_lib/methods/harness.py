@@ -36,7 +36,7 @@ from ..accounting import (
     synchronizer,
 )
 from ..calibration import resolve_layers
-from ..layers import set_submodule
+from ..models.surgery import set_submodule
 from .checkpointing import Checkpointed, backward_peak
 from .registry import Applied, MethodSettings, settings_from_options
 

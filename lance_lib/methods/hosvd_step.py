@@ -29,7 +29,8 @@ from torch import nn
 
 from ..calibration import Modes, canonical_modes, check_modes, resolve_modes
 from ..hosvd import check_eps, energy_rank, sorted_eigh, unfold
-from ..layers import lance_conv2d, lance_linear, set_submodule
+from ..layers import lance_conv2d, lance_linear
+from ..models.surgery import set_submodule
 from ..validation import check_choice
 from .registry import Applied, MethodSettings, register_method
 
