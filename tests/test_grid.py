@@ -181,7 +181,7 @@ def kill_first_claimant(folder: Path, killed: list[int], done: threading.Event) 
 
 def tiny_grid() -> list[ExperimentConfig]:
     """Two fine-tune settings and one continual setting of a few seconds each (CPU)."""
-    from lance_lib.continual import ContinualConfig
+    from lance_lib.experiments.continual import ContinualConfig
     from lance_lib.experiments.finetune import FinetuneConfig
 
     finetune = dict(

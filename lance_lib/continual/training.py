@@ -1,9 +1,9 @@
 """The task-incremental protocol of Appendix A.2: sequential tasks and joint training.
 
 Every task trains through the project's one loop,
-:func:`lance_lib.experiments.loop.train_epoch`, with a ``forward`` that selects the
+:func:`lance_lib.training.loop.train_epoch`, with a ``forward`` that selects the
 task's head and an ``after_backward`` through which a strategy edits gradients (GPM's
-projection); test accuracies come from :func:`lance_lib.experiments.loop.evaluate`.
+projection); test accuracies come from :func:`lance_lib.training.loop.evaluate`.
 What this module adds is the protocol around them:
 
 * :class:`PlateauSchedule` - Table 7's learning-rate schedule with best-model restore,
@@ -31,10 +31,10 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 from lance_lib.calibration import resolve_layers
 from lance_lib.continual.metrics import average_accuracy, backward_transfer
 from lance_lib.data import make_loader
-from lance_lib.experiments.loop import evaluate, train_epoch
 from lance_lib.layers import LanceConv2d, LanceLinear, restore
 from lance_lib.models import MultiHead
 from lance_lib.progress import progress_bar
+from lance_lib.training.loop import evaluate, train_epoch
 from lance_lib.validation import check_int, check_real
 
 if TYPE_CHECKING:
@@ -190,7 +190,7 @@ def validation_loss(model: nn.Module, loader: Iterable[Any], forward: Forward) -
 
 
 def task_accuracy(model: MultiHead, loader: Iterable[Any], task: int) -> float:
-    """Test accuracy (%) of head ``task`` (:func:`lance_lib.experiments.loop.evaluate`)."""
+    """Test accuracy (%) of head ``task`` (:func:`lance_lib.training.loop.evaluate`)."""
     with _uncompressed(model):
         return 100.0 * evaluate(model, loader, forward=_head(task))
 

@@ -9,8 +9,8 @@ ratio), from the same weights, on the same batches, in one process, and records
 accuracy, measured activation memory (the treated layers, the whole blocks, the whole
 region, and the recomputation's transient) and step time as ratios to BP.
 
-Training runs through :func:`lance_lib.experiments.loop.train_epoch` and
-:func:`~lance_lib.experiments.loop.evaluate`; the record is cached by its settings
+Training runs through :func:`lance_lib.training.loop.train_epoch` and
+:func:`~lance_lib.training.loop.evaluate`; the record is cached by its settings
 (:func:`lance_lib.experiments.cache.cached_record`); the experiment is registered for
 :func:`lance_lib.experiments.base.run_experiment` and declares the notebook's sweep.
 """
@@ -41,13 +41,12 @@ from ..models import replace_classifier
 from ..models.vit import split_blocks
 from ..paths import results_dir as default_results_dir
 from ..progress import progress_bar, progress_enabled
+from ..training.loop import evaluate, train_epoch
 from ..validation import check_choice, check_int, check_real
-from .base import ExperimentConfig, register_experiment
+from .base import ExperimentConfig, register_experiment, register_sweep
 from .cache import cached_record, record_path
-from .loop import evaluate, train_epoch
 from .prefix_cache import PrefixCache
 from .setup import class_split, resolve_device, starting_model
-from .sweeps import register_sweep
 
 __all__ = ["TRANSFORMER_RECORD_FIELDS", "TransformerConfig", "run_comparison"]
 

@@ -192,7 +192,7 @@ def vit_tiny(num_classes: int, *, weights: str | None = None, **kwargs) -> Visio
         Classifier outputs.
     weights
         Must be ``None``: the network is pretrained offline on class split A
-        (:func:`lance_lib.experiments.pretrain.pretrain`), never downloaded.
+        (:func:`lance_lib.training.pretrain.pretrain`), never downloaded.
     **kwargs
         Passed to :class:`VisionTransformer`.
 
