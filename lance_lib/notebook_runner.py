@@ -28,7 +28,7 @@ make dependency file ``<output stem>.d`` lists the declared inputs.
 One runner per output
 ---------------------
 While it checks and executes a notebook the runner holds an exclusive claim
-``.<output name>.claim`` beside the output (:mod:`lance_lib.experiments.claim`, the
+``.<output name>.claim`` beside the output (:mod:`lance_lib.experiments.locks`, the
 grid's mechanism). A second runner for the same output (two ``make`` runs, Lab beside
 ``make figures``) waits for the first, then finds the output up to date instead of
 executing it again; a claim whose runner died is broken at once on the same machine
@@ -59,7 +59,7 @@ from typing import Any
 
 import nbformat
 
-from lance_lib.experiments.claim import read_claim, try_claim
+from lance_lib.experiments.locks import read_claim, try_claim
 from lance_lib.io import atomic_write, write_text_atomic
 from lance_lib.profiles import ParameterError, notebook_parameters, parse_set
 from lance_lib.progress import PROGRESS_ENV

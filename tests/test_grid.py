@@ -17,7 +17,7 @@ import torch
 from lance_lib.experiments import cluster, grid
 from lance_lib.experiments.base import ExperimentConfig, register_experiment
 from lance_lib.experiments.cache import cached_record, record_path
-from lance_lib.experiments.claim import read_claim, try_claim
+from lance_lib.experiments.locks import read_claim, try_claim
 from lance_lib.paths import results_dir
 
 

@@ -23,9 +23,9 @@ import torch
 from torch import nn
 
 import lance_lib as ll
-from lance_lib.calibration import Subspaces
 from lance_lib.experiments.cache import CacheWarning, cached_record, record_path
 from lance_lib.io import write_json_atomic
+from lance_lib.subspaces import Subspaces
 from tests.notebook_files import tiny_notebook, tiny_profiles
 
 pytestmark = pytest.mark.usefixtures("one_thread")

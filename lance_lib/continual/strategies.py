@@ -27,7 +27,6 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lance_lib.accounting import MIB, subspace_elements
-from lance_lib.calibration import Subspaces
 from lance_lib.continual.memory import (
     DEFAULT_NULL_SPACE_RULE,
     frozen_layers,
@@ -38,6 +37,7 @@ from lance_lib.continual.specs import TaskLayers
 from lance_lib.continual.training import layer_input_shapes, run_continual, train_multitask
 from lance_lib.layers import compress, restore
 from lance_lib.models import MultiHead
+from lance_lib.subspaces import Subspaces
 from lance_lib.validation import check_choice, check_int, check_real
 
 if TYPE_CHECKING:

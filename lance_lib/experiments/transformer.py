@@ -26,7 +26,6 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..calibration import canonical_modes
 from ..data import class_subset, get_dataset, make_loader
 from ..hosvd import check_eps
 from ..methods.blocks import (
@@ -39,6 +38,7 @@ from ..methods.loract import check_rank_ratio
 from ..methods.registry import method_label
 from ..models import replace_classifier
 from ..models.vit import split_blocks
+from ..modes import canonical_modes
 from ..paths import results_dir as default_results_dir
 from ..progress import progress_bar, progress_enabled
 from ..training.loop import evaluate, train_epoch

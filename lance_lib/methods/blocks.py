@@ -53,9 +53,9 @@ from ..accounting import (
     measure_saved_tensors,
     time_step,
 )
-from ..calibration import Modes
 from ..models.surgery import set_submodule
 from ..models.vit import Block, NormLinear, block_linear_names
+from ..modes import Modes
 from .harness import MethodHandle, apply_method
 from .loract_prenorm import LoRActPreNormBlock, LoRActPreNormLinear
 from .registry import METHOD_TABLE

@@ -26,9 +26,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..calibration import calibrate, canonical_modes, check_modes
+from ..calibration import calibrate
 from ..hosvd import check_eps
 from ..layers import compress
+from ..modes import canonical_modes, check_modes
 from ..validation import check_int
 from .hosvd_step import tucker_elements
 from .registry import Applied, MethodSettings, register_method
