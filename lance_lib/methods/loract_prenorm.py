@@ -38,6 +38,11 @@ hidden pre-activation and GELU output).
       with ``g_hat = g * gamma`` and means over the feature mode
       (:func:`layer_norm_backward`).
 
+Both are registered methods (:class:`LoRActPreNormBlockSettings`,
+:class:`LoRActPreNormLinearSettings`): ``apply_method(tail, "loract_prenorm",
+block_linear_names(tail), rank_ratio=0.25)`` swaps the units holding the given block
+Linear layers, and the harness measures them as any other method.
+
 At ``r = 1`` (tall activations) the sketch is exact and every gradient is BP's.  Below
 that, unlike layer-wise LoRAct (whose input gradients are exact), the LayerNorm's input
 gradient uses the approximated normalised rows, so the approximation also reaches the
@@ -55,19 +60,27 @@ LayerNorm backward reads; no division).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..accounting import SavedBytesCounter
-from .loract import check_rank_ratio, loract_rank, qb_sketch
+from ..models.surgery import set_submodule
+from ..models.vit import Block, NormLinear
+from ..validation import check_int
+from .loract import LoRActSettings, check_rank_ratio, loract_rank, qb_sketch
+from .registry import Applied, MethodSettings, Recomputation, Recompute, register_method
 from .seeding import layer_generator
 
 __all__ = [
     "LoRActPreNormBlock",
+    "LoRActPreNormBlockSettings",
     "LoRActPreNormLinear",
+    "LoRActPreNormLinearSettings",
     "layer_norm_backward",
     "prenorm_checkpoint",
     "prenorm_linear",
@@ -435,3 +448,117 @@ class LoRActPreNormBlock(nn.Module):
             raise RuntimeError(f"{self.layer_name}: no compressed forward has run yet")
         rows, d = math.prod(self.last_input_shape[:-1]), self.last_input_shape[-1]
         return 2 * (rows * self.rank + d * self.rank + rows)
+
+
+def _units(model: nn.Module, kind: type[nn.Module], targets: Mapping[str, nn.Module]) -> list[str]:
+    """Names of the ``kind`` modules of ``model`` that hold one of the ``targets``."""
+    return [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, kind) and any(t.startswith(f"{name}.") for t in targets)
+    ]
+
+
+def _measure_recompute(blocks: list[LoRActPreNormBlock]) -> Recompute:
+    """The blocks' largest backward recomputation, measured over one training step."""
+
+    def measure(
+        _inputs: torch.Tensor, step: Callable[[], None], _names: list[str]
+    ) -> Recomputation:
+        for block in blocks:
+            block.recompute_bytes = []
+        try:
+            step()
+            return Recomputation(max((b for u in blocks for b in u.recompute_bytes), default=0))
+        finally:
+            for block in blocks:
+                block.recompute_bytes = None
+
+    return measure
+
+
+@dataclass(frozen=True)
+class _PreNormSettings(MethodSettings):
+    """The sketch settings both pre-norm methods share (as layer-wise LoRAct's)."""
+
+    rank_ratio: float = 0.25
+    seed: int = 0
+
+    def validate(self) -> None:
+        self._normalise("rank_ratio", check_rank_ratio(self.rank_ratio))
+        self._normalise("seed", check_int("seed", self.seed, minimum=0))
+
+    def layer_ranks(self, applied: Applied, name: str) -> int | None:
+        """The sketch rank ``k`` of the module swapped at ``name`` (``None`` elsewhere)."""
+        module = applied.replacements.get(name)
+        return None if module is None else module.rank
+
+
+@register_method("loract_prenorm")
+@dataclass(frozen=True)
+class LoRActPreNormBlockSettings(_PreNormSettings):
+    """LoRAct's pre-norm mode: every block holding a target becomes a
+    :class:`LoRActPreNormBlock` (the targets are the blocks' Linear layers).
+
+    Attributes
+    ----------
+    rank_ratio, seed
+        ``r`` (``k = int(r D)``) and the sampling seed.
+    """
+
+    def apply(
+        self,
+        model: nn.Module,
+        targets: Mapping[str, nn.Module],
+        *,
+        calib_loader: Iterable[Any] | None = None,
+        forward: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+    ) -> Applied:
+        """Swap the blocks; they are the treated modules and recompute in backward."""
+        blocks = _units(model, Block, targets)
+        applied = Applied(model, treated=blocks)
+        for name in blocks:
+            unit = LoRActPreNormBlock(
+                model.get_submodule(name), name, rank_ratio=self.rank_ratio, seed=self.seed
+            )
+            set_submodule(model, name, unit)
+            applied.replacements[name] = unit
+        applied.recomputation = _measure_recompute(list(applied.replacements.values()))
+        return applied
+
+
+@register_method("loract_prenorm_linear")
+@dataclass(frozen=True)
+class LoRActPreNormLinearSettings(_PreNormSettings):
+    """Each LayerNorm + first projection holding a target becomes a
+    :class:`LoRActPreNormLinear`; the other targets get layer-wise LoRAct.
+
+    Attributes
+    ----------
+    rank_ratio, seed
+        ``r`` (``k = int(r D)``) and the sampling seed, for both kinds of module.
+    """
+
+    def apply(
+        self,
+        model: nn.Module,
+        targets: Mapping[str, nn.Module],
+        *,
+        calib_loader: Iterable[Any] | None = None,
+        forward: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+    ) -> Applied:
+        """Swap the units and sketch the rest; the units and the rest are treated."""
+        units = _units(model, NormLinear, targets)
+        inside = {f"{u}.linear" for u in units}
+        rest = {n: m for n, m in targets.items() if n not in inside}
+        sketch = LoRActSettings(rank_ratio=self.rank_ratio, seed=self.seed)
+        applied = sketch.apply(model, rest)
+        for name in units:
+            original = model.get_submodule(name)
+            unit = LoRActPreNormLinear(
+                original.norm, original.linear, name, rank_ratio=self.rank_ratio, seed=self.seed
+            )
+            set_submodule(model, name, unit)
+            applied.replacements[name] = unit
+        applied.treated = units + list(rest)
+        return applied

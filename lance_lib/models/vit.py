@@ -53,6 +53,7 @@ __all__ = [
     "TokenMean",
     "VisionTransformer",
     "block_linear_names",
+    "block_names",
     "split_blocks",
     "vit_tiny",
 ]
@@ -246,3 +247,8 @@ def block_linear_names(model: nn.Module) -> list[str]:
         for name, m in model.named_modules()
         if isinstance(m, nn.Linear) and name.startswith("blocks.")
     ]
+
+
+def block_names(model: nn.Module) -> list[str]:
+    """Names of the :class:`Block` modules, in forward order (a whole model or a tail)."""
+    return [name for name, m in model.named_modules() if isinstance(m, Block)]
