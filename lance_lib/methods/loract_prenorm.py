@@ -62,7 +62,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -479,7 +479,11 @@ def _measure_recompute(blocks: list[LoRActPreNormBlock]) -> Recompute:
 
 @dataclass(frozen=True)
 class _PreNormSettings(MethodSettings):
-    """The sketch settings both pre-norm methods share (as layer-wise LoRAct's)."""
+    """What both pre-norm methods share: the sketch settings (as layer-wise LoRAct's)
+    and the swap of every unit holding a target (see :meth:`apply`)."""
+
+    #: The kind of module a unit is (a whole block, or a LayerNorm with its projection).
+    holder: ClassVar[type[nn.Module]]
 
     rank_ratio: float = 0.25
     seed: int = 0
@@ -487,6 +491,36 @@ class _PreNormSettings(MethodSettings):
     def validate(self) -> None:
         self._normalise("rank_ratio", check_rank_ratio(self.rank_ratio))
         self._normalise("seed", check_int("seed", self.seed, minimum=0))
+
+    def make_unit(self, original: nn.Module, name: str) -> nn.Module:
+        """The compressed twin of the unit ``original`` named ``name``."""
+        raise NotImplementedError
+
+    def recomputation(self, units: list[nn.Module]) -> Recompute | None:
+        """How to measure what ``units`` recompute in backward (``None``: nothing)."""
+        return None
+
+    def apply(
+        self,
+        model: nn.Module,
+        targets: Mapping[str, nn.Module],
+        *,
+        calib_loader: Iterable[Any] | None = None,
+        forward: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+    ) -> Applied:
+        """Swap every :attr:`holder` unit holding a target for :meth:`make_unit`'s twin
+        and sketch the targets outside the units layer by layer (LoRAct); the units
+        and those targets are the treated modules."""
+        units = _units(model, self.holder, targets)
+        rest = {n: m for n, m in targets.items() if not any(n.startswith(f"{u}.") for u in units)}
+        applied = LoRActSettings(rank_ratio=self.rank_ratio, seed=self.seed).apply(model, rest)
+        for name in units:
+            unit = self.make_unit(model.get_submodule(name), name)
+            set_submodule(model, name, unit)
+            applied.replacements[name] = unit
+        applied.treated = units + list(rest)
+        applied.recomputation = self.recomputation([applied.replacements[u] for u in units])
+        return applied
 
     def layer_ranks(self, applied: Applied, name: str) -> int | None:
         """The sketch rank ``k`` of the module swapped at ``name`` (``None`` elsewhere)."""
@@ -498,7 +532,8 @@ class _PreNormSettings(MethodSettings):
 @dataclass(frozen=True)
 class LoRActPreNormBlockSettings(_PreNormSettings):
     """LoRAct's pre-norm mode: every block holding a target becomes a
-    :class:`LoRActPreNormBlock` (the targets are the blocks' Linear layers).
+    :class:`LoRActPreNormBlock` (the targets are the blocks' Linear layers), which
+    recomputes attention and the MLP in backward.
 
     Attributes
     ----------
@@ -506,25 +541,13 @@ class LoRActPreNormBlockSettings(_PreNormSettings):
         ``r`` (``k = int(r D)``) and the sampling seed.
     """
 
-    def apply(
-        self,
-        model: nn.Module,
-        targets: Mapping[str, nn.Module],
-        *,
-        calib_loader: Iterable[Any] | None = None,
-        forward: Callable[[nn.Module, Any], torch.Tensor] | None = None,
-    ) -> Applied:
-        """Swap the blocks; they are the treated modules and recompute in backward."""
-        blocks = _units(model, Block, targets)
-        applied = Applied(model, treated=blocks)
-        for name in blocks:
-            unit = LoRActPreNormBlock(
-                model.get_submodule(name), name, rank_ratio=self.rank_ratio, seed=self.seed
-            )
-            set_submodule(model, name, unit)
-            applied.replacements[name] = unit
-        applied.recomputation = _measure_recompute(list(applied.replacements.values()))
-        return applied
+    holder: ClassVar[type[nn.Module]] = Block
+
+    def make_unit(self, original: nn.Module, name: str) -> nn.Module:
+        return LoRActPreNormBlock(original, name, rank_ratio=self.rank_ratio, seed=self.seed)
+
+    def recomputation(self, units: list[nn.Module]) -> Recompute | None:
+        return _measure_recompute(units)
 
 
 @register_method("loract_prenorm_linear")
@@ -539,26 +562,9 @@ class LoRActPreNormLinearSettings(_PreNormSettings):
         ``r`` (``k = int(r D)``) and the sampling seed, for both kinds of module.
     """
 
-    def apply(
-        self,
-        model: nn.Module,
-        targets: Mapping[str, nn.Module],
-        *,
-        calib_loader: Iterable[Any] | None = None,
-        forward: Callable[[nn.Module, Any], torch.Tensor] | None = None,
-    ) -> Applied:
-        """Swap the units and sketch the rest; the units and the rest are treated."""
-        units = _units(model, NormLinear, targets)
-        inside = {f"{u}.linear" for u in units}
-        rest = {n: m for n, m in targets.items() if n not in inside}
-        sketch = LoRActSettings(rank_ratio=self.rank_ratio, seed=self.seed)
-        applied = sketch.apply(model, rest)
-        for name in units:
-            original = model.get_submodule(name)
-            unit = LoRActPreNormLinear(
-                original.norm, original.linear, name, rank_ratio=self.rank_ratio, seed=self.seed
-            )
-            set_submodule(model, name, unit)
-            applied.replacements[name] = unit
-        applied.treated = units + list(rest)
-        return applied
+    holder: ClassVar[type[nn.Module]] = NormLinear
+
+    def make_unit(self, original: nn.Module, name: str) -> nn.Module:
+        return LoRActPreNormLinear(
+            original.norm, original.linear, name, rank_ratio=self.rank_ratio, seed=self.seed
+        )
