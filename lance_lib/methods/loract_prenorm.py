@@ -71,9 +71,8 @@ from torch import nn
 from ..accounting import SavedBytesCounter
 from ..models.surgery import set_submodule
 from ..models.vit import Block, NormLinear
-from ..validation import check_int
 from .loract import LoRActSettings, check_rank_ratio, loract_rank, qb_sketch
-from .registry import Applied, MethodSettings, Recomputation, Recompute, register_method
+from .registry import Applied, Recomputation, Recompute, register_method
 from .seeding import layer_generator
 
 __all__ = [
@@ -478,19 +477,12 @@ def _measure_recompute(blocks: list[LoRActPreNormBlock]) -> Recompute:
 
 
 @dataclass(frozen=True)
-class _PreNormSettings(MethodSettings):
-    """What both pre-norm methods share: the sketch settings (as layer-wise LoRAct's)
-    and the swap of every unit holding a target (see :meth:`apply`)."""
+class _PreNormSettings(LoRActSettings):
+    """What both pre-norm methods share: layer-wise LoRAct's settings (``rank_ratio``,
+    ``seed``) and the swap of every unit holding a target (see :meth:`apply`)."""
 
     #: The kind of module a unit is (a whole block, or a LayerNorm with its projection).
     holder: ClassVar[type[nn.Module]]
-
-    rank_ratio: float = 0.25
-    seed: int = 0
-
-    def validate(self) -> None:
-        self._normalise("rank_ratio", check_rank_ratio(self.rank_ratio))
-        self._normalise("seed", check_int("seed", self.seed, minimum=0))
 
     def make_unit(self, original: nn.Module, name: str) -> nn.Module:
         """The compressed twin of the unit ``original`` named ``name``."""
@@ -513,7 +505,7 @@ class _PreNormSettings(MethodSettings):
         and those targets are the treated modules."""
         units = _units(model, self.holder, targets)
         rest = {n: m for n, m in targets.items() if not any(n.startswith(f"{u}.") for u in units)}
-        applied = LoRActSettings(rank_ratio=self.rank_ratio, seed=self.seed).apply(model, rest)
+        applied = super().apply(model, rest)  # layer-wise LoRAct (make_layer)
         for name in units:
             unit = self.make_unit(model.get_submodule(name), name)
             set_submodule(model, name, unit)
