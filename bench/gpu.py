@@ -25,7 +25,7 @@ from bench.region import region_config
 from bench.sections import register_section, weights_option
 from lance_lib.experiments.finetune import FinetuneConfig, finetune
 from lance_lib.experiments.region_memory import region_memory
-from lance_lib.notebook_runner import load_profile
+from lance_lib.profiles import load_profile
 
 __all__ = ["gpu", "paper_finetune_config"]
 

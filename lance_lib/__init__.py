@@ -5,8 +5,9 @@ Conv2d/Linear layers that keep only the core tensor for backward (Phase II), and
 continual-learning memory of Phase III, with the paper's baselines and accounting.
 """
 
-from .calibration import LayerSubspace, Subspaces, calibrate
+from .calibration import calibrate
 from .layers import LanceConv2d, LanceLinear, compress, compressed, restore
+from .subspaces import LayerSubspace, Subspaces
 
 __all__ = [
     "LanceConv2d",

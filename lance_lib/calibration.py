@@ -7,8 +7,7 @@ eigenbasis by the energy rule of Eq. (3) (Algorithm 1, lines 2-13).  The result 
 :class:`Subspaces` mapping from layer name to :class:`LayerSubspace`.
 
 The result type lives in :mod:`lance_lib.subspaces` and the mode selections in
-:mod:`lance_lib.modes`; both are re-exported here, where they have always been
-importable from.
+:mod:`lance_lib.modes`.
 """
 
 from __future__ import annotations
@@ -23,34 +22,22 @@ from torch import nn
 
 from .hosvd import ModeCovariance, check_eps, leading_subspace
 from .modes import (
-    MODE_NAMES,
     Modes,
-    canonical_modes,
     check_modes,
     feature_mode,
     modes_jsonable,
     resolve_modes,
 )
-from .subspaces import SUBSPACES_FORMAT, LayerSubspace, Subspaces
+from .subspaces import LayerSubspace, Subspaces
 from .validation import check_choice, check_int
 
 __all__ = [
-    "MODE_NAMES",
-    "LayerSubspace",
-    "Modes",
-    "Subspaces",
-    "SUBSPACES_FORMAT",
     "calibrate",
     "calibration_batches",
-    "canonical_modes",
     "check_compressible",
     "check_model_materialised",
-    "check_modes",
     "collect_covariances",
-    "feature_mode",
-    "modes_jsonable",
     "resolve_layers",
-    "resolve_modes",
 ]
 
 COMPRESSIBLE = (nn.Conv2d, nn.Linear)

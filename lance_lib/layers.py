@@ -52,6 +52,7 @@ from torch import nn
 
 from .calibration import check_compressible, resolve_layers
 from .hosvd import project, reconstruct
+from .models.surgery import set_submodule
 from .subspaces import LayerSubspace, Subspaces
 
 __all__ = [
@@ -67,7 +68,6 @@ __all__ = [
     "lance_linear",
     "linear_weight_from_core",
     "restore",
-    "set_submodule",
 ]
 
 Factors = Sequence[torch.Tensor | None]
@@ -365,18 +365,6 @@ class LanceLinear(_LanceMixin, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input_shape(x, self.factors, self.layer_name or "LanceLinear")
         return _LanceLinearFunction.apply(x, self.weight, self.bias, tuple(self.factors))
-
-
-def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Put ``module`` at the dotted path ``name`` of ``model`` (in place).
-
-    ``name`` is as in ``model.named_modules()``; its parent must exist.  Unlike
-    ``nn.Module.set_submodule`` of older PyTorch releases, the target may be a module
-    of another type (a LANCE layer for a Conv2d, a lean companion for a ReLU).
-    """
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
 
 
 def check_subspace_fits(name: str, module: nn.Module, subspace: LayerSubspace) -> None:

@@ -44,9 +44,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .calibration import LayerSubspace, Subspaces, check_modes, modes_jsonable, resolve_modes
 from .hosvd import ModeCovariance, check_eps, leading_subspace, project, reconstruct
-from .layers import set_submodule
+from .models.surgery import set_submodule
+from .modes import check_modes, modes_jsonable, resolve_modes
+from .subspaces import LayerSubspace, Subspaces
 
 __all__ = [
     "LeanBatchNorm2d",
@@ -55,7 +56,6 @@ __all__ = [
     "LeanReLU6",
     "calibrate_batchnorm",
     "is_lean",
-    "lean_batchnorm",
     "make_lean",
     "pack_mask",
     "packed_dropout",
@@ -366,27 +366,6 @@ class LeanBatchNorm2d(_LeanMixin, nn.BatchNorm2d):
             self.eps,
             None if factors is None else tuple(factors),
         )
-
-
-def lean_batchnorm(
-    x: torch.Tensor, bn: nn.BatchNorm2d, factors: Iterable[torch.Tensor | None] | None = None
-) -> torch.Tensor:
-    """Functional form of :class:`LeanBatchNorm2d`'s evaluation-mode path.
-
-    ``y = (x - mean) / sqrt(var + eps) * weight + bias`` keeping ``scale`` and, when
-    ``factors`` are given, the core of ``x_hat`` for the weight gradient.
-    """
-    if bn.running_mean is None:
-        raise ValueError("lean_batchnorm needs running statistics (track_running_stats=True)")
-    return _LeanBatchNormFunction.apply(
-        x,
-        bn.weight,
-        bn.bias,
-        bn.running_mean,
-        bn.running_var,
-        bn.eps,
-        None if factors is None else tuple(factors),
-    )
 
 
 def calibrate_batchnorm(

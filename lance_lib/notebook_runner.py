@@ -1,35 +1,9 @@
 """Execute one parameterized notebook with papermill, for ``make figures`` and the tests.
 
-Parameters come from ``profiles/<profile>.yaml``::
-
-    common:            # shared defaults, passed to a notebook only if it declares them
-      seed: 0
-    fig4_eps:          # one section per notebook (file stem); every key must be declared
-      eps_values: [0.5, 0.7, 0.9]
-      inputs: [bench/latest.json]   # optional: files the notebook reads (not a parameter)
-
-Three parameters are always injected: ``profile`` (its name), ``outputs_dir``
-(``figures/<profile>`` at the repository root unless given) and ``force`` (recompute
-cached results).
-
-One source of truth: the profile
---------------------------------
-A notebook opened in JupyterLab gets the same values as under ``make figures``: its
-parameters cell reads them from the profile it names, one line per parameter::
-
-    from lance_lib.notebook_runner import profile_parameters
-
-    profile = "smoke"  # profiles/<profile>.yaml supplies every value below
-    params = profile_parameters("fig4_eps_gradient", profile)
-    outputs_dir = params["outputs_dir"]  # figures/<profile>/ at the repository root
-    force = False  # recompute cached results
-    eps_values = params["eps_values"]  # energy thresholds of Eq. (3)
-
-The reader changes a value by editing its line, or the whole set by naming another
-profile; papermill sees every line as a declared parameter and the runner injects the
-profile's values after the cell (the same values, so a notebook behaves the same in
-both). Every path resolves from the repository root (:mod:`lance_lib.paths`), never
-from the working directory (``notebooks/`` under JupyterLab).
+The parameters come from ``profiles/<profile>.yaml`` as :mod:`lance_lib.profiles`
+reads them (:func:`~lance_lib.profiles.notebook_parameters`); a bad profile, ``--set``
+value or undeclared key raises :class:`~lance_lib.profiles.ParameterError` before any
+kernel starts, and the command line reports it as a usage error (exit status 2).
 
 The kernel
 ----------
@@ -54,7 +28,7 @@ make dependency file ``<output stem>.d`` lists the declared inputs.
 One runner per output
 ---------------------
 While it checks and executes a notebook the runner holds an exclusive claim
-``.<output name>.claim`` beside the output (:mod:`lance_lib.experiments.claim`, the
+``.<output name>.claim`` beside the output (:mod:`lance_lib.experiments.locks`, the
 grid's mechanism). A second runner for the same output (two ``make`` runs, Lab beside
 ``make figures``) waits for the first, then finds the output up to date instead of
 executing it again; a claim whose runner died is broken at once on the same machine
@@ -62,13 +36,6 @@ executing it again; a claim whose runner died is broken at once on the same mach
 for this output are removed. On the command line SIGTERM is handled like Ctrl-C: the
 kernel is shut down, the partial notebook kept as ``<output>.failed.ipynb`` and the
 claim released.
-
-Bad parameters
---------------
-A malformed profile (the file and line are named), a malformed ``--set`` value (the
-``--set`` item is named), or a key the notebook does not declare (named as coming from
-the profile or from ``--set``) raises :class:`ParameterError` before any kernel starts;
-the command line reports it as a usage error (exit status 2).
 
 Usage::
 
@@ -91,197 +58,25 @@ from pathlib import Path
 from typing import Any
 
 import nbformat
-import yaml
 
-from lance_lib import paths
-from lance_lib.experiments.claim import read_claim, try_claim
+from lance_lib.experiments.locks import read_claim, try_claim
 from lance_lib.io import atomic_write, write_text_atomic
+from lance_lib.profiles import ParameterError, notebook_parameters, parse_set
 from lance_lib.progress import PROGRESS_ENV
 
 __all__ = [
-    "INJECTED",
     "KERNEL_ENV",
-    "ParameterError",
     "fingerprint",
-    "load_profile",
     "main",
-    "notebook_parameters",
-    "parse_set",
-    "profile_parameters",
     "run_notebook",
 ]
 
-#: Parameters the runner always passes; every notebook must declare them.
-INJECTED = ("profile", "outputs_dir", "force")
 KERNEL = "lance"
 #: Environment of the kernels the runner starts (``PROGRESS_ENV`` only if unset).
 KERNEL_ENV = {"MPLBACKEND": "module://matplotlib_inline.backend_inline", PROGRESS_ENV: "0"}
 _LIBRARY = Path(__file__).resolve().parent
 #: Seconds between two looks at an output claimed by another runner.
 WAIT_POLL_S = 1.0
-
-
-class ParameterError(ValueError):
-    """A profile, a ``--set`` value or the parameters they give a notebook cannot be used."""
-
-
-def _yaml_problem(error: yaml.YAMLError) -> str:
-    """Where and what the YAML parser found wrong, in one line."""
-    mark = getattr(error, "problem_mark", None)
-    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-    if mark is None:
-        return problem
-    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
-
-
-def load_profile(profile: str, profiles_dir: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Read ``<profiles_dir>/<profile>.yaml`` (default: the repository's ``profiles/``).
-
-    Raises
-    ------
-    FileNotFoundError
-        No such profile (the message lists the profiles that exist).
-    ParameterError
-        The file is not valid YAML (the message names the file, line and column), is
-        not a mapping of sections, or ``common`` / a section is not a mapping.
-    """
-    profiles_dir = Path(profiles_dir) if profiles_dir is not None else paths.profiles_dir()
-    path = profiles_dir / f"{profile}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in profiles_dir.glob("*.yaml"))
-        raise FileNotFoundError(f"no profile {profile!r} at {path}; profiles: {known}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ParameterError(
-            f"profile {path}, {_yaml_problem(error)}; fix the YAML there (indentation, a "
-            "missing ':' or closing bracket, an unquoted ':' in a value)"
-        ) from None
-    if not isinstance(data, dict):
-        raise ParameterError(f"{path} must hold a mapping of sections, got {type(data).__name__}")
-    for name, section in data.items():
-        if section is not None and not isinstance(section, dict):
-            raise ParameterError(
-                f"{path}: section {name!r} must be a mapping of parameters, got "
-                f"{type(section).__name__}"
-            )
-    return data
-
-
-def _declared(notebook: Path) -> dict[str, Any]:
-    """The names declared in the notebook's cell tagged ``parameters``."""
-    import papermill as pm
-
-    nb = nbformat.read(notebook, as_version=4)
-    if not any("parameters" in c.get("metadata", {}).get("tags", []) for c in nb.cells):
-        raise ParameterError(f"{notebook} has no cell tagged 'parameters'")
-    return pm.inspect_notebook(str(notebook))
-
-
-def _section(
-    data: Mapping[str, Any], notebook: str | os.PathLike
-) -> tuple[dict[str, Any], list[str]]:
-    """The notebook's own section of a loaded profile (without ``inputs``), and its inputs."""
-    section = dict(data.get(Path(notebook).stem) or {})
-    inputs = [str(p) for p in section.pop("inputs", [])]
-    return section, inputs
-
-
-def _outputs_dir(profile: str, outputs_dir: str | os.PathLike | None) -> str:
-    folder = Path(outputs_dir) if outputs_dir is not None else paths.figures_dir(profile)
-    return str(folder.resolve())
-
-
-def profile_parameters(
-    notebook: str | os.PathLike,
-    profile: str = "smoke",
-    *,
-    profiles_dir: str | os.PathLike | None = None,
-) -> dict[str, Any]:
-    """Every value ``profile`` gives ``notebook``: what its parameters cell reads.
-
-    Parameters
-    ----------
-    notebook
-        The notebook's file name or stem (``"fig4_eps_gradient"``): its section of the
-        profile is used.
-    profile
-        Which ``profiles/<profile>.yaml`` to read.
-    profiles_dir
-        Folder of the profiles (default: the repository's ``profiles/``).
-
-    Returns
-    -------
-    dict
-        The ``common`` keys, overridden by the notebook's section, and ``profile``,
-        ``outputs_dir`` (``figures/<profile>`` at the repository root, absolute) and
-        ``force`` (``False``): the values :func:`run_notebook` injects.
-
-    Raises
-    ------
-    FileNotFoundError
-        No such profile (the message lists those that exist).
-    KeyError
-        The profile has no section for the notebook.
-    """
-    data = load_profile(profile, profiles_dir)
-    stem = Path(notebook).stem
-    if stem not in data:
-        sections = sorted(k for k in data if k != "common")
-        raise KeyError(
-            f"profile {profile!r} has no section {stem!r}; add one to profiles/{profile}.yaml "
-            f"(its sections: {sections})"
-        )
-    section, _ = _section(data, stem)
-    params = {**(data.get("common") or {}), **section}
-    params.update(profile=profile, outputs_dir=_outputs_dir(profile, None), force=False)
-    return params
-
-
-def notebook_parameters(
-    notebook: str | os.PathLike,
-    profile: str,
-    *,
-    profiles_dir: str | os.PathLike | None = None,
-    outputs_dir: str | os.PathLike | None = None,
-    force: bool = False,
-    overrides: Mapping[str, Any] | None = None,
-) -> tuple[dict[str, Any], list[str]]:
-    """Parameters for ``notebook`` under ``profile``, and its declared input files.
-
-    ``common`` keys the notebook declares, then the notebook's own section, then
-    ``overrides``, then the injected ``profile``, ``outputs_dir`` (default
-    ``figures/<profile>`` at the repository root) and ``force``.
-
-    Raises
-    ------
-    ParameterError
-        A section or override key the notebook does not declare in its ``parameters``
-        cell (named as coming from the profile or from ``--set``), a notebook that does
-        not declare the injected parameters, or a malformed profile.
-    """
-    notebook = Path(notebook)
-    declared = _declared(notebook)
-    missing = [p for p in INJECTED if p not in declared]
-    if missing:
-        raise ParameterError(f"{notebook} must declare {missing} in its parameters cell")
-    data = load_profile(profile, profiles_dir)
-    section, inputs = _section(data, notebook)
-    overrides = dict(overrides or {})
-    for origin, keys in (("--set", overrides), (f"profile {profile!r}", section)):
-        unknown = sorted(set(keys) - set(declared))
-        if unknown:
-            raise ParameterError(
-                f"{origin} sets {unknown} for {notebook.name}, which declares only "
-                f"{sorted(declared)} in its parameters cell; set declared names only"
-            )
-    own = {**section, **overrides}
-    params = {k: v for k, v in (data.get("common") or {}).items() if k in declared}
-    params.update(own)
-    params.update(
-        profile=profile, outputs_dir=_outputs_dir(profile, outputs_dir), force=bool(force)
-    )
-    return params, inputs
 
 
 def fingerprint(
@@ -466,33 +261,6 @@ def _remove_leftovers(output: Path) -> None:
     for name in (output.name, output.with_suffix(".d").name):
         for stale in output.parent.glob(f".{name}.*.tmp*"):
             stale.unlink(missing_ok=True)
-
-
-def parse_set(items: Sequence[str]) -> dict[str, Any]:
-    """``--set KEY=VALUE`` items as overrides, each value read as YAML.
-
-    Raises
-    ------
-    ParameterError
-        An item without ``=`` or a key, or a value that is not valid YAML; the message
-        names the ``--set`` item and the fix.
-    """
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ParameterError(
-                f"--set {item!r}: expected KEY=VALUE, e.g. --set 'eps_values=[0.5, 0.7]'"
-            )
-        try:
-            out[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError as error:
-            raise ParameterError(
-                f"--set {item!r}: the value is not valid YAML ({_yaml_problem(error)}); "
-                f"close every bracket and quote text with ':' or '#', e.g. "
-                f"--set '{key.strip()}=[a, b]'"
-            ) from None
-    return out
 
 
 def _terminate_like_ctrl_c(signum: int, frame: object) -> None:

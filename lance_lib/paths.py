@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["build_dir", "figures_dir", "profiles_dir", "repo_root", "results_dir"]
+__all__ = ["figures_dir", "profiles_dir", "repo_root", "results_dir"]
 
 
 def repo_root() -> Path:
@@ -34,11 +34,6 @@ def results_dir(kind: str | None = None) -> Path:
 def figures_dir(profile: str) -> Path:
     """Figures and tables of ``profile`` (under ``$LANCE_FIGURES``, default ``<repo>/figures``)."""
     return _from_env("LANCE_FIGURES", repo_root() / "figures") / profile
-
-
-def build_dir(profile: str) -> Path:
-    """Executed notebooks of ``profile`` (``<repo>/build/<profile>``)."""
-    return repo_root() / "build" / profile
 
 
 def profiles_dir() -> Path:

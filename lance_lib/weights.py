@@ -69,7 +69,7 @@ def weights_dir() -> Path:
 
 @dataclass(frozen=True)
 class ReferenceRecipe:
-    """How one reference backbone is trained (see :func:`lance_lib.experiments.pretrain.pretrain`).
+    """How one reference backbone is trained (see :func:`lance_lib.training.pretrain.pretrain`).
 
     Attributes
     ----------
@@ -83,7 +83,7 @@ class ReferenceRecipe:
         Length of the cosine schedule; the curve in the manifest shows where the test
         accuracy stops improving.
     lr, batch_size, weight_decay, augment, seed
-        SGD with momentum 0.9 (:func:`lance_lib.experiments.pretrain.pretrain`).
+        SGD with momentum 0.9 (:func:`lance_lib.training.pretrain.pretrain`).
     dataset
         Full CIFAR-10 (25,000 training images of split A).
     split_seed
@@ -239,14 +239,14 @@ def build_reference(
     directory
         Where the fp16 file and the manifest go; default :func:`weights_dir`.
     progress, device
-        As in :func:`lance_lib.experiments.pretrain.pretrain`.
+        As in :func:`lance_lib.training.pretrain.pretrain`.
 
     Returns
     -------
     dict
         The new manifest entry.
     """
-    from lance_lib.experiments.pretrain import pretrain, state_dict_sha256
+    from lance_lib.training.pretrain import pretrain, state_dict_sha256
 
     if model not in REFERENCE_RECIPES:
         raise ValueError(

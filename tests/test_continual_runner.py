@@ -12,20 +12,22 @@ from torch.utils.data import TensorDataset
 
 from lance_lib.continual import (
     BENCHMARKS,
-    RECORD_FIELDS,
     STRATEGIES,
-    ContinualConfig,
     ContinualTask,
     SaturationWarning,
     layer_rank_rows,
     load_benchmark,
     record_row,
+)
+from lance_lib.data import DatasetNotFoundError
+from lance_lib.experiments import continual as runner_module
+from lance_lib.experiments.base import experiment_kinds, run_experiment
+from lance_lib.experiments.continual import (
+    RECORD_FIELDS,
+    ContinualConfig,
     run_benchmark,
     table3_configs,
 )
-from lance_lib.continual import runner as runner_module
-from lance_lib.data import DatasetNotFoundError
-from lance_lib.experiments.base import experiment_kinds, run_experiment
 from lance_lib.experiments.sweeps import sweep
 from lance_lib.methods import METHOD_TABLE
 from lance_lib.models import MultiHead

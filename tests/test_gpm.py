@@ -10,12 +10,12 @@ from torch import nn
 from lance_lib.continual import BENCHMARKS, backbone_layers
 from lance_lib.continual.gpm import (
     GPM,
-    REFERENCE_SAMPLES,
     layer_samples,
     project_gradients,
     representation_matrices,
     update_bases,
 )
+from lance_lib.continual.specs import REFERENCE_SAMPLES
 from lance_lib.models import MultiHead, build_model
 
 

@@ -17,7 +17,7 @@ import torch
 from lance_lib.experiments import cluster, grid
 from lance_lib.experiments.base import ExperimentConfig, register_experiment
 from lance_lib.experiments.cache import cached_record, record_path
-from lance_lib.experiments.claim import read_claim, try_claim
+from lance_lib.experiments.locks import read_claim, try_claim
 from lance_lib.paths import results_dir
 
 
@@ -181,7 +181,7 @@ def kill_first_claimant(folder: Path, killed: list[int], done: threading.Event) 
 
 def tiny_grid() -> list[ExperimentConfig]:
     """Two fine-tune settings and one continual setting of a few seconds each (CPU)."""
-    from lance_lib.continual import ContinualConfig
+    from lance_lib.experiments.continual import ContinualConfig
     from lance_lib.experiments.finetune import FinetuneConfig
 
     finetune = dict(

@@ -169,8 +169,8 @@ PRETRAIN = dict(resolution=16, epochs=3, batch_size=64, seed=0, progress=False)
 
 PRETRAIN_CHILD = """
 import io, json, sys, time
-import lance_lib.experiments.loop as loop
-import lance_lib.experiments.pretrain as pt
+import lance_lib.training.loop as loop
+import lance_lib.training.pretrain as pt
 
 def pause():
     print("READY", flush=True)
@@ -213,7 +213,7 @@ def _state(folder: Path) -> dict:
 
 
 def test_interrupted_pretraining_keeps_a_valid_epoch_state_and_resumes(tmp_path):
-    from lance_lib.experiments.pretrain import pretrain
+    from lance_lib.training.pretrain import pretrain
 
     folders = [tmp_path / f"{stage}-{sig.name}" for stage, sig in PRETRAIN_CASES]
     children = [

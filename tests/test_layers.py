@@ -11,7 +11,7 @@ from torch import nn
 from lance_lib import LanceConv2d, LanceLinear, calibrate, compress, compressed, restore
 from lance_lib.accounting import measure_saved_tensors
 from lance_lib.hosvd import project, reconstruct
-from lance_lib.layers import lance_conv2d, lance_linear, set_submodule
+from lance_lib.layers import lance_conv2d, lance_linear
 
 from .conftest import random_orthonormal
 
@@ -135,17 +135,6 @@ def test_theorem1_feature_mode_alone_never_points_away():
     """Feature rank 5 only: dW_tilde = dW P, so <dW_tilde, dW> = |dW P|^2 >= 0 (200 seeds)."""
     cosines = _cosines_to_full_gradient(compress_batch=False)
     assert min(cosines) > 0.0
-
-
-def test_set_submodule_replaces_nested_and_top_level_modules():
-    model = nn.Sequential(nn.Sequential(nn.Linear(2, 2)), nn.ReLU())
-    new = nn.Identity()
-    set_submodule(model, "0.0", new)
-    assert model[0][0] is new
-    set_submodule(model, "1", nn.Tanh())
-    assert isinstance(model[1], nn.Tanh)
-    with pytest.raises(AttributeError):
-        set_submodule(model, "nope.child", new)
 
 
 class Tail(nn.Module):

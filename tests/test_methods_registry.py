@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from lance_lib.methods import (
+    BLOCK_METHODS,
     METHOD_TABLE,
     METHODS,
     LanceSettings,
@@ -26,7 +27,6 @@ from lance_lib.methods import (
     method_settings,
     register_method,
 )
-from lance_lib.methods.blocks import BLOCK_METHODS
 from lance_lib.methods.registry import MethodSettings, settings_class
 
 LAYERS = ["0", "2"]

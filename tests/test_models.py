@@ -21,6 +21,7 @@ from lance_lib.models import (
     reduced_resnet18_cl,
     register_model,
     replace_classifier,
+    set_submodule,
     split_at,
     vit_tiny,
 )
@@ -271,3 +272,14 @@ def test_split_at_shares_modules_and_rejects_unknown_names():
         split_at(model, "layer9")
     with pytest.raises(TypeError):
         split_at(alexnet_cl(1, 2), "backbone.conv1")
+
+
+def test_set_submodule_replaces_nested_and_top_level_modules():
+    model = nn.Sequential(nn.Sequential(nn.Linear(2, 2)), nn.ReLU())
+    new = nn.Identity()
+    set_submodule(model, "0.0", new)
+    assert model[0][0] is new
+    set_submodule(model, "1", nn.Tanh())
+    assert isinstance(model[1], nn.Tanh)
+    with pytest.raises(AttributeError):
+        set_submodule(model, "nope.child", new)

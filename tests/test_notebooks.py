@@ -14,13 +14,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from lance_lib.notebook_runner import (
-    fingerprint,
-    load_profile,
-    notebook_parameters,
-    profile_parameters,
-    run_notebook,
-)
+from lance_lib.notebook_runner import fingerprint, run_notebook
+from lance_lib.profiles import load_profile, notebook_parameters, profile_parameters
 from tests.notebook_files import tiny_notebook
 
 pytestmark = pytest.mark.notebooks

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from lance_lib.experiments import pretrain as pretrain_module
-from lance_lib.experiments.pretrain import (
+from lance_lib.training import pretrain as pretrain_module
+from lance_lib.training.pretrain import (
     CheckpointWarning,
     checkpoint_path,
     pretrain,
@@ -157,7 +157,7 @@ def test_crop_flip_augmentation_is_in_the_key_and_moves_pixels():
 
 def test_an_interrupted_run_resumes_where_it_stopped(tmp_path, tiny_data, monkeypatch):
     """Per-epoch state: a run stopped after epoch 1 and resumed equals an unbroken run."""
-    from lance_lib.experiments import loop
+    from lance_lib.training import loop
 
     settings = {**TINY, "epochs": 3}
     whole = pretrain("mcunet", "tiny", [0, 1], cache_dir=tmp_path / "a", **settings)

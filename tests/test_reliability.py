@@ -23,9 +23,9 @@ import torch
 from torch import nn
 
 import lance_lib as ll
-from lance_lib.calibration import Subspaces
 from lance_lib.experiments.cache import CacheWarning, cached_record, record_path
 from lance_lib.io import write_json_atomic
+from lance_lib.subspaces import Subspaces
 from tests.notebook_files import tiny_notebook, tiny_profiles
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -460,7 +460,7 @@ def test_bp_ignores_eps():
 
 
 def test_continual_epochs_zero_is_refused_at_once(tmp_path):
-    from lance_lib.continual import run_benchmark
+    from lance_lib.experiments.continual import run_benchmark
 
     start = time.perf_counter()
     with pytest.raises(ValueError, match="epochs must be >= 1"):
@@ -581,7 +581,7 @@ def test_a_malformed_profile_names_the_file_and_line(tmp_path, capsys):
     [("- a\n- b\n", "must hold a mapping of sections, got list"), ("tiny: 3\n", "section 'tiny'")],
 )
 def test_a_profile_of_the_wrong_shape_is_a_parameter_error(tmp_path, text, words):
-    from lance_lib.notebook_runner import ParameterError, load_profile
+    from lance_lib.profiles import ParameterError, load_profile
 
     with pytest.raises(ParameterError, match=words):
         load_profile("t", tiny_profiles(tmp_path, text))

@@ -10,9 +10,9 @@ from torch import nn
 from lance_lib.accounting import measure_saved_tensors
 from lance_lib.calibration import calibrate
 from lance_lib.data import get_dataset
+from lance_lib.experiments.transformer import BlockMeasurement
 from lance_lib.layers import compress
-from lance_lib.methods import method_label
-from lance_lib.methods.blocks import BLOCK_METHODS, apply_block_method, measure_block_method
+from lance_lib.methods import BLOCK_METHODS, apply_method, measure_method, method_label
 from lance_lib.methods.loract_prenorm import (
     LoRActPreNormBlock,
     LoRActPreNormLinear,
@@ -20,7 +20,13 @@ from lance_lib.methods.loract_prenorm import (
     prenorm_linear,
 )
 from lance_lib.models import build_model, classifier_name, last_n_layers, replace_classifier
-from lance_lib.models.vit import NormLinear, VisionTransformer, block_linear_names, split_blocks
+from lance_lib.models.vit import (
+    NormLinear,
+    VisionTransformer,
+    block_linear_names,
+    block_names,
+    split_blocks,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -43,6 +49,16 @@ def batch() -> tuple[torch.Tensor, torch.Tensor]:
     ds = get_dataset("cifar10_mini", "train", resolution=16, augment=False)
     idx = [i for i, t in enumerate(ds.targets) if t < 3][:8]
     return torch.stack([ds[i][0] for i in idx]), torch.tensor([ds.targets[i] for i in idx])
+
+
+def apply_block_method(model: nn.Module, method: str, **options):
+    """``method`` on every block Linear of ``model`` (the transformer experiment's call)."""
+    return apply_method(model, method, block_linear_names(model), **options)
+
+
+def measure_block_method(handle, batch, blocks, **options) -> BlockMeasurement:
+    """One step measured by the harness, seen block by block (the experiment's record)."""
+    return BlockMeasurement.from_measurement(measure_method(handle, batch, **options), blocks)
 
 
 def grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -194,9 +210,10 @@ def test_measured_memory_orders_the_methods(batch):
     tail.requires_grad_(True)
     h = prefix(x)
     out = {}
+    blocks = block_names(tail)
     for method in BLOCK_METHODS:
         bm = apply_block_method(tail, method, calib_loader=[(h, y)], num_batches=1, rank_ratio=0.25)
-        out[method] = measure_block_method(bm, (h, y), repeats=1, warmup=0)
+        out[method] = measure_block_method(bm, (h, y), blocks, repeats=1, warmup=0)
         bm.restore()
     bp = out["bp"]
     assert bp.factor_bytes == 0 and out["lance"].factor_bytes > 0
@@ -223,9 +240,10 @@ def test_prenorm_mode_keeps_two_sketches_per_block_and_measures_the_recompute(ba
     prefix, tail = split_blocks(model, 1)
     tail.requires_grad_(True)
     h = prefix(x)  # (8, 16, 32): L = 128 rows, D = 32
+    blocks = block_names(tail)
     bm = apply_block_method(tail, "loract_prenorm", rank_ratio=0.25)
-    m = measure_block_method(bm, (h, y), repeats=1, warmup=0)
-    (block,) = bm.recomputing()
+    m = measure_block_method(bm, (h, y), blocks, repeats=1, warmup=0)
+    (block,) = bm.replacements.values()
     assert isinstance(block, LoRActPreNormBlock) and block.rank == 8
     assert block.stored_elements() == 2 * (128 * 8 + 8 * 32 + 128)
     assert m.block_bytes == 4 * block.stored_elements()

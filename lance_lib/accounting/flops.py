@@ -1,8 +1,7 @@
-"""FLOPs: Appendix C's estimate, the analytic count of our conv path, and measured counts.
+"""FLOPs: Appendix C's estimate and measured counts.
 
 * :func:`paper_flops` - Eq. (7)-(9) of LANCE for a 3-mode activation, with the one
   self-consistent reading of Eq. (8) (see its notes);
-* :func:`conv_flops` - what one conv training step costs as implemented here;
 * :func:`measure_flops` - ``torch.utils.flop_counter.FlopCounterMode`` around a call.
 """
 
@@ -10,10 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["conv_flops", "measure_flops", "paper_flops"]
+__all__ = ["measure_flops", "paper_flops"]
 
 
 def paper_flops(n: Sequence[int], n_hat: int, r: Sequence[int] | None = None) -> dict[str, float]:
@@ -60,45 +58,6 @@ def paper_flops(n: Sequence[int], n_hat: int, r: Sequence[int] | None = None) ->
         fw = n_hat * n1 * n2 * n3 + n1 * r1 * n2 * n3 + r1 * n2 * r2 * n3 + r1 * r2 * n3 * r3
         bw = n1 * r1 * n2 * n_hat + r1 * r2 * r3 * n2 + r1 * n2 * r3 * n3 + r1 * n2 * n3 * n_hat
     return {"forward": float(fw), "backward": float(bw), "total": float(fw + bw)}
-
-
-def conv_flops(
-    input_shape: Sequence[int],
-    conv: nn.Conv2d,
-    ranks: Sequence[int] | None = None,
-) -> dict[str, float]:
-    """Analytic multiply-accumulate count x 2 of one conv training step, as implemented here.
-
-    BP: forward conv, input gradient, weight gradient (each ``2 B O H' W' C k^2 / g``).
-    LANCE (``ranks`` given, ``(r_B, r_C, r_H, r_W)``): forward conv plus the projection
-    of Eq. (1) mode by mode; input gradient as BP; weight gradient in the compressed
-    space of :func:`lance_lib.layers.conv2d_weight_from_core` (spatial reconstruction,
-    output-gradient projection on the batch factor, weight gradient with ``r_B``
-    samples and ``r_C`` channels when ``r_C < C/g``, expansion by ``U_C``).
-    """
-    b, c, h, w = input_shape
-    o = conv.out_channels
-    g = conv.groups
-    kh, kw = conv.kernel_size
-    ho = (h + 2 * conv.padding[0] - conv.dilation[0] * (kh - 1) - 1) // conv.stride[0] + 1
-    wo = (w + 2 * conv.padding[1] - conv.dilation[1] * (kw - 1) - 1) // conv.stride[1] + 1
-    per_sample = 2.0 * o * ho * wo * (c // g) * kh * kw
-    fw = b * per_sample
-    grad_in = b * per_sample
-    if ranks is None:
-        return {"forward": fw, "backward": grad_in + fw, "total": 3 * fw}
-    rb, rc, rh, rw = ranks
-    proj = 2.0 * (
-        b * rb * c * h * w + rb * c * rc * h * w + rb * rc * h * rh * w + rb * rc * rh * rw * w
-    )
-    recon_spatial = 2.0 * (rb * rc * rh * rw * h + rb * rc * h * rw * w)
-    delta_proj = 2.0 * b * rb * o * ho * wo
-    if rc < c // g:
-        wgrad = 2.0 * rb * o * ho * wo * rc * kh * kw + 2.0 * o * rc * (c // g) * kh * kw
-    else:
-        wgrad = 2.0 * rb * c * rc * h * w + rb * per_sample
-    bw = grad_in + recon_spatial + delta_proj + wgrad
-    return {"forward": fw + proj, "backward": bw, "total": fw + proj + bw}
 
 
 def measure_flops(run: Callable[[], object]) -> int:

@@ -2,8 +2,9 @@
 
 Two analytic memory conventions are provided and kept apart:
 
-* :func:`appendix_c_elements` - LANCE's Appendix C: a compressed activation costs
-  ``prod_i r_i + sum_i n_i r_i`` elements (core plus factors) against ``prod_i n_i``.
+* :func:`subspace_elements` - LANCE's Appendix C: a compressed activation costs
+  ``prod_i r_i + sum_i n_i r_i`` elements (core plus the compressed modes' factors)
+  against ``prod_i n_i``.
 * :func:`published_mb` - the convention of the published per-step HOSVD / ASI code
   and of the paper's tables: only the inputs of the fine-tuned convolutions count,
   ``elements x 4 bytes / 2**20``.  For ResNet18's last 4 convs at batch 128 and
@@ -23,22 +24,20 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from types import TracebackType
 
 import torch
 from torch import nn
 
-from ..calibration import LayerSubspace
+from ..subspaces import LayerSubspace
 
 __all__ = [
     "MIB",
     "SavedBytesCounter",
     "SavedTensorReport",
-    "appendix_c_elements",
     "cuda_peak_bytes",
-    "lance_layer_mb",
     "measure_saved_tensors",
     "module_kind",
     "published_mb",
@@ -46,18 +45,6 @@ __all__ = [
 ]
 
 MIB = 2**20
-
-
-def appendix_c_elements(shape: Sequence[int], ranks: Sequence[int]) -> tuple[int, int]:
-    """Activation elements kept by BP and by LANCE for one layer, Appendix C.
-
-    Returns ``(prod_i n_i, prod_i r_i + sum_i n_i r_i)``: the full input against the
-    core plus one ``(n_i, r_i)`` factor per mode, as Appendix C writes ``S_Mem``.
-    """
-    full = math.prod(shape)
-    core = math.prod(ranks)
-    factors = sum(n * r for n, r in zip(shape, ranks, strict=True))
-    return full, core + factors
 
 
 def subspace_elements(sub: LayerSubspace) -> tuple[int, int]:
@@ -222,11 +209,6 @@ def measure_saved_tensors(model: nn.Module, run: Callable[[], object]) -> SavedT
     report.buffers_by_module = dict(buffers_by_module)
     report.by_kind = dict(by_kind)
     return report
-
-
-def lance_layer_mb(subspaces: Mapping[str, LayerSubspace]) -> dict[str, float]:
-    """Appendix C memory in MB (4 bytes per element) of each calibrated layer under LANCE."""
-    return {name: published_mb(subspace_elements(s)[1]) for name, s in subspaces.items()}
 
 
 class SavedBytesCounter:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from ..calibration import LayerSubspace
+from ..subspaces import LayerSubspace
 from .memory import measure_saved_tensors, module_kind
 
 if TYPE_CHECKING:  # pandas is imported lazily by region_memory_table

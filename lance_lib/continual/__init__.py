@@ -5,16 +5,18 @@
 ``memory``      Phase III (Eq. 5), null-space calibration and its rank rules,
                 the interference bound
 ``strategies``  the strategy registry; LANCE, sequential fine-tuning, multitask
-``gpm``         the GPM baseline with its reference per-layer sample counts
+``gpm``         the GPM baseline
 ``training``    the task-incremental protocol (Table 7's schedule) on the one loop
-``benchmarks``  :class:`BenchmarkSpec`, the benchmark registry, task loading
-``runner``      :class:`ContinualConfig`, the cached record, :func:`run_benchmark`
+``specs``       plain data: :class:`BenchmarkSpec`, :class:`ContinualTask`,
+                :class:`TaskLayers`, GPM's sample counts
+``benchmarks``  the benchmark registry, task loading
 ``summary``     table rows from records (ACC, BWT, memory, ranks, frozen layers)
 ==============  ==================================================================
 
-``run_benchmark("cifar10_mini", "lance")`` runs LANCE on the embedded 5-task CIFAR-10
-subset. Importing the package registers its strategies, benchmarks, experiment runner
-and the Table 3 sweep.
+Importing the package registers its strategies and benchmarks. The continual
+experiment (its config, cached record and the Table 3 sweep) is
+:mod:`lance_lib.experiments.continual`: ``run_benchmark("cifar10_mini", "lance")`` there
+runs LANCE on the embedded 5-task CIFAR-10 subset.
 
 References
 ----------
@@ -25,15 +27,12 @@ Appendix A.2 (Tables 5-7).
 
 from lance_lib.continual.benchmarks import (
     BENCHMARKS,
-    BenchmarkSpec,
-    ContinualTask,
     build_benchmark_model,
     load_benchmark,
     register_benchmark,
 )
 from lance_lib.continual.gpm import (
     GPM,
-    REFERENCE_SAMPLES,
     project_gradients,
     representation_matrices,
     update_bases,
@@ -50,13 +49,7 @@ from lance_lib.continual.memory import (
     update_memory,
 )
 from lance_lib.continual.metrics import accuracy_matrix, average_accuracy, backward_transfer
-from lance_lib.continual.runner import (
-    RECORD_FIELDS,
-    ContinualConfig,
-    run_benchmark,
-    run_continual_experiment,
-    table3_configs,
-)
+from lance_lib.continual.specs import REFERENCE_SAMPLES, BenchmarkSpec, ContinualTask, TaskLayers
 from lance_lib.continual.strategies import (
     STRATEGIES,
     ContinualStrategy,
@@ -64,7 +57,6 @@ from lance_lib.continual.strategies import (
     LanceCL,
     Multitask,
     SequentialStrategy,
-    TaskLayers,
     backbone_layers,
     build_strategy,
     register_strategy,
@@ -84,11 +76,9 @@ __all__ = [
     "DEFAULT_NULL_SPACE_RULE",
     "GPM",
     "NULL_SPACE_RULES",
-    "RECORD_FIELDS",
     "REFERENCE_SAMPLES",
     "STRATEGIES",
     "BenchmarkSpec",
-    "ContinualConfig",
     "ContinualStrategy",
     "ContinualTask",
     "FineTune",
@@ -117,10 +107,7 @@ __all__ = [
     "register_benchmark",
     "register_strategy",
     "representation_matrices",
-    "run_benchmark",
     "run_continual",
-    "run_continual_experiment",
-    "table3_configs",
     "task_accuracy",
     "train_multitask",
     "update_bases",

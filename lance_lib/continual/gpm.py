@@ -12,9 +12,10 @@ projected.
 
 What follows GPM's public code (``sahagobinda/GPM``)
 ----------------------------------------------------
-* **Samples per layer** (:data:`REFERENCE_SAMPLES`): one random draw of training
-  samples per task, of which layer ``l`` uses the first ``k_l``. Split CIFAR-100 /
-  AlexNet (``main_cifar100.py``, ``get_representation_matrix``): 125 samples drawn,
+* **Samples per layer** (:data:`~lance_lib.continual.specs.REFERENCE_SAMPLES`): one
+  random draw of training samples per task, of which layer ``l`` uses the first
+  ``k_l``. Split CIFAR-100 / AlexNet (``main_cifar100.py``,
+  ``get_representation_matrix``): 125 samples drawn,
   ``batch_list = [2*12, 100, 100, 125, 125]`` for conv1-3, fc1, fc2. 5-Datasets /
   reduced ResNet18 (``main_five_dataset.py``, ``get_representation_matrix_ResNet18``):
   100 drawn, ``batch_list = [10]*8 + [50]*3 + [100]*6`` for the 17 3x3 convolutions in
@@ -44,7 +45,6 @@ Where this implementation differs
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -54,10 +54,10 @@ from torch.utils.data import DataLoader
 
 from lance_lib.accounting import MIB
 from lance_lib.calibration import resolve_layers
+from lance_lib.continual.specs import TaskLayers
 from lance_lib.continual.strategies import (
     BYTES_PER_ELEMENT,
     SequentialStrategy,
-    TaskLayers,
     backbone_layers,
     register_strategy,
 )
@@ -66,27 +66,15 @@ from lance_lib.models import MultiHead
 from lance_lib.validation import check_int, check_real
 
 if TYPE_CHECKING:
-    from lance_lib.continual.benchmarks import BenchmarkSpec
+    from lance_lib.continual.specs import BenchmarkSpec
 
 __all__ = [
     "GPM",
-    "REFERENCE_SAMPLES",
     "layer_samples",
     "project_gradients",
     "representation_matrices",
     "update_bases",
 ]
-
-#: GPM's per-layer sample counts, by network, in the order of
-#: :func:`~lance_lib.continual.strategies.backbone_layers` (see the module docstring).
-REFERENCE_SAMPLES: Mapping[str, tuple[int, ...]] = MappingProxyType(
-    {
-        "alexnet_cl": (24, 100, 100, 125, 125),
-        # conv1, layer1 (4), layer2.0.conv1/conv2/shortcut, layer2.1.conv1: 10;
-        # layer2.1.conv2, layer3.0.conv1/conv2/shortcut: 50; the 7 later convs: 100
-        "reduced_resnet18_cl": (10,) * 9 + (50,) * 4 + (100,) * 7,
-    }
-)
 
 
 def layer_samples(samples: int | Sequence[int], layers: Sequence[str]) -> dict[str, int]:
@@ -226,8 +214,8 @@ class GPM(SequentialStrategy):
         Energy threshold for task ``t`` (0-based): ``threshold + t * threshold_step``.
     samples
         Training samples for the representation matrices: one count for every layer,
-        or one per layer (:data:`REFERENCE_SAMPLES`). The largest count is drawn at
-        random per task; each layer uses the first of them.
+        or one per layer (:data:`~lance_lib.continual.specs.REFERENCE_SAMPLES`). The
+        largest count is drawn at random per task; each layer uses the first of them.
     seed
         Seed of the sample draw (task ``t`` draws with ``seed + t``).
     """

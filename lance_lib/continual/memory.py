@@ -58,14 +58,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lance_lib.calibration import (
-    Subspaces,
-    calibrate,
-    collect_covariances,
-    feature_mode,
-    resolve_layers,
-)
+from lance_lib.calibration import calibrate, collect_covariances, resolve_layers
 from lance_lib.hosvd import leading_subspace
+from lance_lib.modes import feature_mode
+from lance_lib.subspaces import Subspaces
 from lance_lib.validation import check_choice, check_int, check_real
 
 __all__ = [

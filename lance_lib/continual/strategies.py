@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
@@ -28,20 +27,21 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lance_lib.accounting import MIB, subspace_elements
-from lance_lib.calibration import Subspaces
 from lance_lib.continual.memory import (
     DEFAULT_NULL_SPACE_RULE,
     frozen_layers,
     null_space_calibration,
     update_memory,
 )
+from lance_lib.continual.specs import TaskLayers
 from lance_lib.continual.training import layer_input_shapes, run_continual, train_multitask
 from lance_lib.layers import compress, restore
 from lance_lib.models import MultiHead
+from lance_lib.subspaces import Subspaces
 from lance_lib.validation import check_choice, check_int, check_real
 
 if TYPE_CHECKING:
-    from lance_lib.continual.benchmarks import BenchmarkSpec, ContinualTask
+    from lance_lib.continual.specs import BenchmarkSpec, ContinualTask
 
 __all__ = [
     "BYTES_PER_ELEMENT",
@@ -51,7 +51,6 @@ __all__ = [
     "LanceCL",
     "Multitask",
     "SequentialStrategy",
-    "TaskLayers",
     "backbone_layers",
     "build_strategy",
     "register_strategy",
@@ -100,23 +99,6 @@ def backbone_layers(model: nn.Module) -> list[str]:
         for name, m in model.backbone.named_modules()
         if isinstance(m, (nn.Conv2d, nn.Linear))
     ]
-
-
-@dataclass(frozen=True)
-class TaskLayers:
-    """How a strategy trains the backbone's layers during one task.
-
-    Attributes
-    ----------
-    layer_ranks
-        Per layer, the rank per mode of the activation it keeps for backward (the
-        mode's full size where it is not compressed).
-    frozen_layers
-        Layers whose weights cannot change during the task.
-    """
-
-    layer_ranks: dict[str, list[int]]
-    frozen_layers: list[str] = field(default_factory=list)
 
 
 class ContinualStrategy(ABC):

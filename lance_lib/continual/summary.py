@@ -3,7 +3,7 @@
 :func:`record_row` gives one run's ACC, BWT, memory in both conventions and how many
 layers each task froze; :func:`layer_rank_rows` gives, per task, each layer's
 input-feature (mode-``d``) rank and whether it was frozen. Both read only the record
-(:mod:`lance_lib.continual.runner`), so a notebook plots what the grid computed.
+(:mod:`lance_lib.experiments.continual`), so a notebook plots what the grid computed.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """The task-incremental protocol of Appendix A.2: sequential tasks and joint training.
 
 Every task trains through the project's one loop,
-:func:`lance_lib.experiments.loop.train_epoch`, with a ``forward`` that selects the
+:func:`lance_lib.training.loop.train_epoch`, with a ``forward`` that selects the
 task's head and an ``after_backward`` through which a strategy edits gradients (GPM's
-projection); test accuracies come from :func:`lance_lib.experiments.loop.evaluate`.
+projection); test accuracies come from :func:`lance_lib.training.loop.evaluate`.
 What this module adds is the protocol around them:
 
 * :class:`PlateauSchedule` - Table 7's learning-rate schedule with best-model restore,
@@ -21,7 +21,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -31,18 +31,18 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 from lance_lib.calibration import resolve_layers
 from lance_lib.continual.metrics import average_accuracy, backward_transfer
 from lance_lib.data import make_loader
-from lance_lib.experiments.loop import evaluate, train_epoch
 from lance_lib.layers import LanceConv2d, LanceLinear, restore
 from lance_lib.models import MultiHead
 from lance_lib.progress import progress_bar
+from lance_lib.training.loop import evaluate, train_epoch
 from lance_lib.validation import check_int, check_real
 
 if TYPE_CHECKING:
-    from lance_lib.continual.benchmarks import BenchmarkSpec, ContinualTask
-    from lance_lib.continual.strategies import SequentialStrategy
+    from lance_lib.continual.specs import BenchmarkSpec, ContinualTask, TaskLayers
 
 __all__ = [
     "PlateauSchedule",
+    "TaskHooks",
     "layer_input_shapes",
     "run_continual",
     "task_accuracy",
@@ -52,6 +52,33 @@ __all__ = [
 
 #: ``forward(model, inputs) -> logits``.
 Forward = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+
+
+class TaskHooks(Protocol):
+    """What :func:`run_continual` calls on a strategy, task after task (its plugin hooks).
+
+    :class:`~lance_lib.continual.strategies.SequentialStrategy` is the one
+    implementation; the protocol keeps this loop free of the strategies' module.
+    """
+
+    name: str
+    drop_last: bool
+
+    def before_task(self, model: MultiHead, task: int, loader: DataLoader) -> TaskLayers:
+        """Prepare task ``task``; say what each layer keeps and which are frozen."""
+        ...
+
+    def after_backward(self, model: MultiHead, task: int) -> None:
+        """Adjust gradients after ``loss.backward()``."""
+        ...
+
+    def after_task(self, model: MultiHead, task: int, loader: DataLoader) -> None:
+        """Finish task ``task``."""
+        ...
+
+    def report(self) -> dict[str, Any]:
+        """Per-task details and the strategy's memory."""
+        ...
 
 
 class PlateauSchedule:
@@ -163,7 +190,7 @@ def validation_loss(model: nn.Module, loader: Iterable[Any], forward: Forward) -
 
 
 def task_accuracy(model: MultiHead, loader: Iterable[Any], task: int) -> float:
-    """Test accuracy (%) of head ``task`` (:func:`lance_lib.experiments.loop.evaluate`)."""
+    """Test accuracy (%) of head ``task`` (:func:`lance_lib.training.loop.evaluate`)."""
     with _uncompressed(model):
         return 100.0 * evaluate(model, loader, forward=_head(task))
 
@@ -278,7 +305,7 @@ def _fit(
 def run_continual(
     model: MultiHead,
     tasks: Sequence[ContinualTask],
-    strategy: SequentialStrategy,
+    strategy: TaskHooks,
     spec: BenchmarkSpec,
     *,
     seed: int = 0,

@@ -27,8 +27,8 @@ from lance_lib.data.datasets import (
     decode_folder,
     decode_zip,
 )
-from lance_lib.data.locate import find_base, not_found, search_paths
-from lance_lib.data.registry import DatasetSpec, Loader, register_dataset
+from lance_lib.data.locate import find_base, search_paths
+from lance_lib.data.registry import DatasetSpec, Loader, not_found, register_dataset
 from lance_lib.data.transforms import Transform
 from lance_lib.paths import repo_root
 

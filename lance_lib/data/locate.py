@@ -13,21 +13,15 @@ naming the paths searched and how to obtain it.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from lance_lib.paths import repo_root
-
-if TYPE_CHECKING:
-    from lance_lib.data.registry import DatasetSpec
 
 __all__ = [
     "ROOT_RULE",
     "DatasetNotFoundError",
     "data_root",
     "find_base",
-    "not_found",
     "search_paths",
 ]
 
@@ -69,21 +63,3 @@ def find_base(root: Path, name: str, layout: str) -> Path | None:
         if (base / layout).exists():
             return base
     return None
-
-
-def not_found(
-    spec: DatasetSpec, root: Path, split: str, searched: Sequence[Path]
-) -> DatasetNotFoundError:
-    """Build the error that says where a dataset was looked for and how to get it."""
-    lines = [f"dataset {spec.name!r} (split {split!r}) not found; searched:"]
-    lines += [f"  {path}" for path in searched]
-    if spec.downloadable:
-        lines.append(
-            f"Fix: call get_dataset({spec.name!r}, download=True) on a machine with internet "
-            f"(torchvision downloads it into {root / spec.name}), "
-            "or place the files at one of the paths above."
-        )
-    else:
-        lines.append("There is no automatic download (download=True does not help).")
-    lines += [f"Expected files: {spec.layout}", f"Source: {spec.source}", f"Note: {ROOT_RULE}."]
-    return DatasetNotFoundError("\n".join(lines))

@@ -17,7 +17,7 @@ download.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -28,7 +28,15 @@ from torchvision import datasets
 from lance_lib.data.locate import ROOT_RULE, DatasetNotFoundError, data_root
 from lance_lib.data.transforms import ImageTransform, Transform
 
-__all__ = ["DATASETS", "SPLITS", "DatasetSpec", "Loader", "get_dataset", "register_dataset"]
+__all__ = [
+    "DATASETS",
+    "SPLITS",
+    "DatasetSpec",
+    "Loader",
+    "get_dataset",
+    "not_found",
+    "register_dataset",
+]
 
 SPLITS = ("train", "test")
 
@@ -65,6 +73,24 @@ class DatasetSpec:
     layout: str
     source: str
     load: Loader = field(repr=False, compare=False)
+
+
+def not_found(
+    spec: DatasetSpec, root: Path, split: str, searched: Sequence[Path]
+) -> DatasetNotFoundError:
+    """Build the error that says where a dataset was looked for and how to get it."""
+    lines = [f"dataset {spec.name!r} (split {split!r}) not found; searched:"]
+    lines += [f"  {path}" for path in searched]
+    if spec.downloadable:
+        lines.append(
+            f"Fix: call get_dataset({spec.name!r}, download=True) on a machine with internet "
+            f"(torchvision downloads it into {root / spec.name}), "
+            "or place the files at one of the paths above."
+        )
+    else:
+        lines.append("There is no automatic download (download=True does not help).")
+    lines += [f"Expected files: {spec.layout}", f"Source: {spec.source}", f"Note: {ROOT_RULE}."]
+    return DatasetNotFoundError("\n".join(lines))
 
 
 _DATASETS: dict[str, DatasetSpec] = {}

@@ -7,7 +7,9 @@ latency, region memory, ...) is a frozen dataclass deriving from
 record format) are hashed into the results key. The function that runs it is
 registered for its config class with :func:`register_experiment`, so that
 :func:`run_experiment` (and the Dask grid, which maps it over configs) runs any config
-without asking what it is.
+without asking what it is. What a notebook needs is declared beside the experiment
+too: :func:`register_sweep` registers the function turning the notebook's parameters
+into configs (collected by :mod:`lance_lib.experiments.sweeps`).
 """
 
 from __future__ import annotations
@@ -23,12 +25,16 @@ __all__ = [
     "ExperimentConfig",
     "experiment_kinds",
     "register_experiment",
+    "register_sweep",
+    "registered_sweeps",
     "run_experiment",
 ]
 
 C = TypeVar("C", bound="ExperimentConfig")
 Runner = Callable[..., dict[str, Any]]
 _RUNNERS: dict[type, Runner] = {}
+SweepFunction = Callable[[Mapping[str, Any]], list["ExperimentConfig"]]
+_SWEEPS: dict[str, SweepFunction] = {}
 
 
 class ExperimentConfig:
@@ -104,3 +110,22 @@ def run_experiment(config: ExperimentConfig, **options: Any) -> dict[str, Any]:
             f"no experiment runner registered for {type(config).__name__}; registered: {known}"
         )
     return runner(config, **options)
+
+
+def register_sweep(notebook: str) -> Callable[[SweepFunction], SweepFunction]:
+    """Decorator: ``function(params) -> [configs]`` declares what ``notebook`` needs.
+
+    ``notebook`` is the notebook's file stem (also its profile section's name).
+    """
+
+    def decorate(function: SweepFunction) -> SweepFunction:
+        _SWEEPS[notebook] = function
+        return function
+
+    return decorate
+
+
+def registered_sweeps() -> dict[str, SweepFunction]:
+    """The sweeps registered so far, ``{notebook: function}`` (see
+    :func:`lance_lib.experiments.sweeps.sweeps` for all of them)."""
+    return dict(_SWEEPS)

@@ -7,8 +7,8 @@ on the test split after every epoch. The method (``bp``, ``lance``, ``hosvd``, `
 ``loract``, ``checkpoint``) is chosen by name through
 :func:`lance_lib.methods.apply_method`; the model is prepared by
 :func:`lance_lib.experiments.setup.prepare_finetuning`, and every epoch is one
-:func:`lance_lib.experiments.loop.train_epoch` and one
-:func:`~lance_lib.experiments.loop.evaluate`, as for every other experiment.
+:func:`lance_lib.training.loop.train_epoch` and one
+:func:`~lance_lib.training.loop.evaluate`, as for every other experiment.
 
 Each run is one record of the results cache
 (:func:`lance_lib.experiments.cache.cached_record`): keyed by
@@ -35,7 +35,6 @@ from lance_lib.data import LabeledSubset, class_subset, get_dataset, make_loader
 from lance_lib.experiments.base import register_experiment
 from lance_lib.experiments.cache import cached_record
 from lance_lib.experiments.finetune_config import FinetuneConfig, FinetuneRecord
-from lance_lib.experiments.loop import evaluate, train_epoch
 from lance_lib.experiments.prefix_cache import step_speedup
 from lance_lib.experiments.setup import (
     Prepared,
@@ -45,6 +44,7 @@ from lance_lib.experiments.setup import (
 )
 from lance_lib.methods import MethodHandle, angle_to_bp, apply_method, measure_method
 from lance_lib.progress import progress_bar, progress_enabled
+from lance_lib.training.loop import evaluate, train_epoch
 
 __all__ = ["FinetuneConfig", "FinetuneRecord", "finetune"]
 

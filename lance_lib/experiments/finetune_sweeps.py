@@ -1,7 +1,7 @@
 """The fine-tuning runs each notebook needs, declared once for notebooks and the grid.
 
 Each function turns a notebook's parameters (its parameters cell merged with its profile
-section, :func:`lance_lib.notebook_runner.notebook_parameters`) into the list of
+section, :func:`lance_lib.profiles.notebook_parameters`) into the list of
 :class:`~lance_lib.experiments.finetune_config.FinetuneConfig` it tabulates or plots,
 registered with :func:`lance_lib.experiments.sweeps.register_sweep` under the
 notebook's name. The notebook calls :func:`lance_lib.experiments.sweeps.sweep` and runs
@@ -18,8 +18,8 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from lance_lib.experiments.base import register_sweep
 from lance_lib.experiments.finetune_config import FinetuneConfig
-from lance_lib.experiments.sweeps import register_sweep
 
 __all__ = [
     "SMALL_BATCHES",

@@ -21,9 +21,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lance_lib.experiments.base import register_sweep
 from lance_lib.experiments.finetune_config import FinetuneConfig
 from lance_lib.experiments.finetune_sweeps import finetune_config
-from lance_lib.experiments.sweeps import register_sweep
 from lance_lib.methods.registry import settings_class
 
 if TYPE_CHECKING:  # pandas is imported when a table is built

@@ -26,7 +26,7 @@ Guarantees:
   (:func:`find_record` asks :func:`lance_lib.experiments.cache.load_record`); every task
   asks again before and after taking its claim.
 * **One computation per record.** A task holds an exclusive claim
-  (:mod:`lance_lib.experiments.claim`) while it computes, so a task that Dask hands to
+  (:mod:`lance_lib.experiments.locks`) while it computes, so a task that Dask hands to
   a second worker because the first was presumed dead, or the same experiment asked
   for by a second grid, waits for the first and then reads its record.
 * **A killed worker loses only its task.** The nanny restarts the worker, the
@@ -55,8 +55,8 @@ from tqdm.auto import tqdm
 
 from lance_lib.experiments.base import ExperimentConfig, experiment_kinds, run_experiment
 from lance_lib.experiments.cache import load_record
-from lance_lib.experiments.claim import try_claim
 from lance_lib.experiments.cluster import dask_client
+from lance_lib.experiments.locks import try_claim
 from lance_lib.experiments.sweeps import profile_experiments, sweeps
 from lance_lib.io import ensure_writable
 from lance_lib.paths import results_dir

@@ -26,10 +26,9 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
-from lance_lib.experiments.base import register_experiment
+from lance_lib.experiments.base import register_experiment, register_sweep
 from lance_lib.experiments.probe import TailProbeConfig, TailRecord, run_cached, tail_inputs
 from lance_lib.experiments.setup import pretrain_settings, select_tail
-from lance_lib.experiments.sweeps import register_sweep
 from lance_lib.methods import METHODS, apply_method, measure_method, method_settings
 from lance_lib.progress import progress_bar
 from lance_lib.validation import check_choice, check_int

@@ -24,12 +24,12 @@ import torch
 from torch import nn
 
 from lance_lib.accounting import cuda_peak_bytes, region_memory_table
-from lance_lib.calibration import calibrate, canonical_modes
-from lance_lib.experiments.base import register_experiment
+from lance_lib.calibration import calibrate
+from lance_lib.experiments.base import register_experiment, register_sweep
 from lance_lib.experiments.probe import TailProbeConfig, TailRecord, run_cached, tail_inputs
 from lance_lib.experiments.setup import pretrain_settings
-from lance_lib.experiments.sweeps import register_sweep
 from lance_lib.layers import compress, restore
+from lance_lib.modes import canonical_modes
 from lance_lib.progress import progress_bar
 from lance_lib.validation import check_int
 

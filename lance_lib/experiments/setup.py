@@ -23,7 +23,7 @@ Starting weights (``weights``):
     stand-in).
 ``"pretrained-split-A"``
     The paper's Table 1 protocol on the fine-tuning dataset itself: pretrain from
-    scratch on its class split A (:func:`lance_lib.experiments.pretrain.pretrain`, cached) and
+    scratch on its class split A (:func:`lance_lib.training.pretrain.pretrain`, cached) and
     fine-tune on split B. The split is fixed (:data:`SPLIT_SEED`, the reference
     recipes' split seed, so CIFAR-10's halves are the same for both kinds of weights);
     the experiment's seed changes the pretraining's initialisation and data order, not
@@ -49,7 +49,6 @@ from torch.utils.data import Dataset
 
 from lance_lib.data import DATASETS, two_class_splits
 from lance_lib.experiments.prefix_cache import PrefixCache
-from lance_lib.experiments.pretrain import pretrain, state_dict_sha256
 from lance_lib.models import (
     MODEL_INFO,
     build_model,
@@ -59,6 +58,7 @@ from lance_lib.models import (
     split_at,
 )
 from lance_lib.progress import progress_enabled
+from lance_lib.training.pretrain import pretrain, state_dict_sha256
 from lance_lib.weights import REFERENCE_RECIPES, load_reference, manifest_entry
 
 __all__ = [
@@ -236,7 +236,7 @@ class StartingWeights:
         The ``weights`` setting.
     sha256
         Reference weights: the file's SHA-256 from the verified manifest entry;
-        otherwise :func:`lance_lib.experiments.pretrain.state_dict_sha256` of the starting state
+        otherwise :func:`lance_lib.training.pretrain.state_dict_sha256` of the starting state
         dict (before the classifier is replaced).
     record
         The manifest entry (reference) or the pretraining record
@@ -279,7 +279,7 @@ def starting_model(
         A model of :data:`lance_lib.models.MODEL_INFO` and one of :data:`WEIGHTS`.
     dataset, pretrain_classes, pretrain_epochs, pretrain_resolution, pretrain_lr, seed
         ``"pretrained-split-A"`` only: pretraining on these classes of ``dataset``
-        (:func:`lance_lib.experiments.pretrain.pretrain`, cached under the data root).
+        (:func:`lance_lib.training.pretrain.pretrain`, cached under the data root).
     root, progress, device
         Data root, progress bars (``None``: :func:`lance_lib.progress.progress_enabled`),
         and where pretraining runs.

@@ -1,7 +1,8 @@
 """Which experiments each notebook needs: one declaration, read by notebooks and the grid.
 
 A figure or table notebook does not run experiments of its own making: the function
-registered for it with :func:`register_sweep` turns the notebook's parameters (from
+registered for it with :func:`lance_lib.experiments.base.register_sweep` (where the
+experiment is defined) turns the notebook's parameters (from
 its profile) into a list of experiment configs; the notebook calls :func:`sweep` and
 plots the records, and ``make grid`` calls :func:`profile_experiments` to compute every
 experiment of a profile before any notebook runs (in-process or on a Dask cluster).
@@ -12,15 +13,12 @@ notebook what the grid computed.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
-from lance_lib.experiments.base import ExperimentConfig
+from lance_lib.experiments.base import ExperimentConfig, SweepFunction, registered_sweeps
 
-__all__ = ["SWEEP_MODULES", "profile_experiments", "register_sweep", "sweep", "sweeps"]
-
-SweepFunction = Callable[[Mapping[str, Any]], list[ExperimentConfig]]
-_SWEEPS: dict[str, SweepFunction] = {}
+__all__ = ["SWEEP_MODULES", "profile_experiments", "sweep", "sweeps"]
 
 #: Modules whose import registers sweeps (imported by :func:`sweeps` before listing).
 SWEEP_MODULES: tuple[str, ...] = (
@@ -29,21 +27,8 @@ SWEEP_MODULES: tuple[str, ...] = (
     "lance_lib.experiments.gradient_fidelity",
     "lance_lib.experiments.latency",
     "lance_lib.experiments.region_memory",
-    "lance_lib.continual",
+    "lance_lib.experiments.continual",
 )
-
-
-def register_sweep(notebook: str) -> Callable[[SweepFunction], SweepFunction]:
-    """Decorator: ``function(params) -> [configs]`` declares what ``notebook`` needs.
-
-    ``notebook`` is the notebook's file stem (also its profile section's name).
-    """
-
-    def decorate(function: SweepFunction) -> SweepFunction:
-        _SWEEPS[notebook] = function
-        return function
-
-    return decorate
 
 
 def sweeps() -> dict[str, SweepFunction]:
@@ -54,7 +39,7 @@ def sweeps() -> dict[str, SweepFunction]:
         except ModuleNotFoundError as error:
             if error.name != module:  # a real import error inside the module
                 raise
-    return dict(_SWEEPS)
+    return registered_sweeps()
 
 
 def sweep(notebook: str, params: Mapping[str, Any]) -> list[ExperimentConfig]:
@@ -69,8 +54,8 @@ def sweep(notebook: str, params: Mapping[str, Any]) -> list[ExperimentConfig]:
 
 def profile_experiments(profile: str) -> dict[str, list[ExperimentConfig]]:
     """``{notebook: [configs]}`` for every notebook of ``profile`` that declares a sweep."""
-    from lance_lib.notebook_runner import notebook_parameters
     from lance_lib.paths import profiles_dir, repo_root
+    from lance_lib.profiles import notebook_parameters
 
     out: dict[str, list[ExperimentConfig]] = {}
     for notebook, function in sorted(sweeps().items()):

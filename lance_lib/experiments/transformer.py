@@ -4,19 +4,23 @@ The LANCE paper says its method applies to transformers but shows no transformer
 result; LoRAct (arXiv:2509.23472) is built for them.  :func:`run_comparison` pretrains
 the small ViT of :mod:`lance_lib.models.vit` on class split A of a dataset, fine-tunes
 its last ``blocks`` blocks (and a new classifier) on split B with every method of
-:data:`lance_lib.methods.blocks.BLOCK_METHODS` (the LoRAct variants once per rank
+:data:`lance_lib.methods.BLOCK_METHODS` (the LoRAct variants once per rank
 ratio), from the same weights, on the same batches, in one process, and records
 accuracy, measured activation memory (the treated layers, the whole blocks, the whole
-region, and the recomputation's transient) and step time as ratios to BP.
+region, and the recomputation's transient) and step time as ratios to BP.  Every
+method runs through the one harness (:func:`lance_lib.methods.apply_method`,
+:func:`~lance_lib.methods.measure_method`, :func:`~lance_lib.methods.angle_to_bp`);
+:class:`BlockMeasurement` is the record's view of a measurement.
 
-Training runs through :func:`lance_lib.experiments.loop.train_epoch` and
-:func:`~lance_lib.experiments.loop.evaluate`; the record is cached by its settings
+Training runs through :func:`lance_lib.training.loop.train_epoch` and
+:func:`~lance_lib.training.loop.evaluate`; the record is cached by its settings
 (:func:`lance_lib.experiments.cache.cached_record`); the experiment is registered for
 :func:`lance_lib.experiments.base.run_experiment` and declares the notebook's sweep.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Iterator, Mapping
@@ -26,30 +30,30 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..calibration import canonical_modes
 from ..data import class_subset, get_dataset, make_loader
 from ..hosvd import check_eps
-from ..methods.blocks import (
+from ..methods import (
     BLOCK_METHODS,
-    apply_block_method,
-    block_angle_to_bp,
-    measure_block_method,
+    MethodMeasurement,
+    angle_to_bp,
+    apply_method,
+    measure_method,
 )
 from ..methods.loract import check_rank_ratio
 from ..methods.registry import method_label
 from ..models import replace_classifier
-from ..models.vit import split_blocks
+from ..models.vit import block_linear_names, block_names, split_blocks
+from ..modes import canonical_modes
 from ..paths import results_dir as default_results_dir
 from ..progress import progress_bar, progress_enabled
+from ..training.loop import evaluate, train_epoch
 from ..validation import check_choice, check_int, check_real
-from .base import ExperimentConfig, register_experiment
+from .base import ExperimentConfig, register_experiment, register_sweep
 from .cache import cached_record, record_path
-from .loop import evaluate, train_epoch
 from .prefix_cache import PrefixCache
 from .setup import class_split, resolve_device, starting_model
-from .sweeps import register_sweep
 
-__all__ = ["TRANSFORMER_RECORD_FIELDS", "TransformerConfig", "run_comparison"]
+__all__ = ["TRANSFORMER_RECORD_FIELDS", "BlockMeasurement", "TransformerConfig", "run_comparison"]
 
 #: The fields of every transformer record (besides ``settings`` and ``provenance``).
 TRANSFORMER_RECORD_FIELDS = ("classes", "pretrain", "tokens", "steps_per_epoch", "rows")
@@ -76,7 +80,7 @@ class TransformerConfig(ExperimentConfig):
         ``k``: the last ``k`` blocks (and the classifier) are fine-tuned; the methods
         treat these blocks.
     methods
-        Methods of :data:`lance_lib.methods.blocks.BLOCK_METHODS`, ``"bp"`` included
+        Methods of :data:`lance_lib.methods.BLOCK_METHODS`, ``"bp"`` included
         (every ratio is to BP); the LoRAct variants run once per ``rank_ratios`` entry.
     rank_ratios
         LoRAct's ``r`` in ``(0, 1]``.
@@ -163,6 +167,68 @@ class TransformerConfig(ExperimentConfig):
         return out
 
 
+@dataclass(frozen=True)
+class BlockMeasurement:
+    """A row's measured fields: one :class:`~lance_lib.methods.MethodMeasurement` seen
+    block by block.
+
+    Attributes
+    ----------
+    step_s, step_s_median
+        Seconds of each timed forward + backward and their median.
+    layer_bytes
+        What the treated modules keep for backward plus LANCE's factors.
+    block_bytes
+        Distinct bytes the treated blocks keep between the passes (everything saved
+        inside them: LayerNorms, projections, attention, GELU), plus the factors.
+    region_bytes
+        Every distinct storage the step keeps between the passes (the trained blocks,
+        the classifier and the loss; a frozen prefix keeps nothing) plus the factors.
+    recompute_bytes
+        The largest recomputation's saved bytes during backward (the pre-norm mode's
+        attention or MLP); 0 when nothing is recomputed.
+    peak_bytes
+        ``region_bytes + recompute_bytes``.
+    factor_bytes
+        LANCE's factors, held as buffers.
+    cuda_peak_bytes, cuda_baseline_bytes
+        On CUDA, ``torch.cuda.max_memory_allocated`` during one step and the memory
+        allocated before it; ``None`` elsewhere.
+    """
+
+    step_s: list[float]
+    step_s_median: float
+    layer_bytes: int
+    block_bytes: int
+    region_bytes: int
+    recompute_bytes: int
+    peak_bytes: int
+    factor_bytes: int
+    cuda_peak_bytes: int | None
+    cuda_baseline_bytes: int | None
+
+    @classmethod
+    def from_measurement(cls, m: MethodMeasurement, blocks: list[str]) -> BlockMeasurement:
+        """The view of ``m`` for the transformer blocks named ``blocks``."""
+        factors = m.measured_factor_bytes
+        return cls(
+            step_s=m.step_s,
+            step_s_median=m.step_s_median,
+            layer_bytes=m.measured_layer_bytes,
+            block_bytes=m.saved.distinct_bytes_under(blocks) + factors,
+            region_bytes=m.stored_between_passes_bytes,
+            recompute_bytes=m.recompute_bytes,
+            peak_bytes=m.measured_region_bytes,
+            factor_bytes=factors,
+            cuda_peak_bytes=m.cuda_peak_bytes,
+            cuda_baseline_bytes=m.cuda_baseline_bytes,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-ready dict (a record row's measured part)."""
+        return dataclasses.asdict(self)
+
+
 def _endless(loader: Any) -> Iterator[Any]:
     """The loader's batches again and again (fresh shuffles and flips each pass)."""
     while True:
@@ -216,14 +282,16 @@ def _run(cfg: TransformerConfig, root: str | os.PathLike | None, progress: bool 
     x, y = next(iter(loader(cfg.seed + 2)))
     fixed = (x.to(device), y.to(device))
 
+    linears, blocks = block_linear_names(tail), block_names(tail)
     rows = []
     for method, ratio in cfg.variants():
         tail.load_state_dict(start)
         label = method_label(method, ratio)
         t0 = time.perf_counter()
-        bm = apply_block_method(
+        handle = apply_method(
             tail,
             method,
+            linears,
             calib_loader=_endless(loader(cfg.seed + 1)),
             eps=cfg.eps,
             num_batches=cfg.num_batches,
@@ -233,9 +301,11 @@ def _run(cfg: TransformerConfig, root: str | os.PathLike | None, progress: bool 
         )
         setup_s = time.perf_counter() - t0
         try:
-            measured = measure_block_method(bm, fixed, repeats=cfg.measure_repeats)
-            angle = block_angle_to_bp(bm, fixed)
+            measured = BlockMeasurement.from_measurement(
+                measure_method(handle, fixed, repeats=cfg.measure_repeats), blocks
+            )
             params = [p for p in tail.parameters() if p.requires_grad]
+            angle = angle_to_bp(handle, fixed, params)
             optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
             torch.manual_seed(cfg.seed)  # the same batches and flips for every method
             train_batches = _endless(loader(cfg.seed))
@@ -243,20 +313,20 @@ def _run(cfg: TransformerConfig, root: str | os.PathLike | None, progress: bool 
             with progress_bar(total=cfg.epochs * steps, desc=label, progress=progress) as bar:
                 for _ in range(cfg.epochs):
                     stats = train_epoch(
-                        bm.model, train_batches, optimizer, max_steps=steps, bar=bar
+                        handle.model, train_batches, optimizer, max_steps=steps, bar=bar
                     )
                     losses.append(stats.loss)
-                    with bm.bypassed() as plain:
+                    with handle.bypassed() as plain:
                         accuracy.append(100.0 * evaluate(plain, test_loader))
-            ranks = bm.ranks()
+            ranks = handle.ranks()
         finally:
-            bm.restore()
+            handle.restore()
         rows.append(
             {
                 "method": method,
                 "label": label,
                 "rank_ratio": ratio,
-                "settings": bm.settings,
+                "settings": handle.settings.to_dict(),
                 "accuracy": accuracy[-1],
                 "accuracy_curve": accuracy,
                 "train_loss": losses,
@@ -316,7 +386,7 @@ def run_comparison(
         (top-1 % on split B's test images after the last epoch) and
         ``accuracy_curve``, ``train_loss``, ``angle_deg`` (angle to BP's gradient of
         all trained parameters on a fixed batch, before training), ``setup_s``,
-        ``ranks``, the fields of :class:`lance_lib.methods.blocks.BlockMeasurement`,
+        ``ranks``, the fields of :class:`BlockMeasurement`,
         and the ratios to BP of the same run: ``accuracy_delta`` (points),
         ``layer_memory_ratio``, ``block_memory_ratio``, ``region_memory_ratio``,
         ``peak_memory_ratio``, ``step_time_ratio`` (method / BP).

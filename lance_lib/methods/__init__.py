@@ -11,14 +11,16 @@
                     layer plumbing
 ``asi``             ``asi``: warm-started subspace iteration (ref. [30])
 ``loract``          ``loract``: LoRAct's sampled-column QB sketch, layer by layer
-``loract_prenorm``  LoRAct for pre-norm transformer blocks: its pre-norm mode and
-                    the LayerNorm + first projection variant
+``loract_prenorm``  ``loract_prenorm`` and ``loract_prenorm_linear``: LoRAct for
+                    pre-norm transformer blocks, its pre-norm mode and the
+                    LayerNorm + first projection variant
 ``checkpointing``   ``checkpoint``: recomputation of the region in N segments
-``blocks``          the methods on every block of a transformer
 ``seeding``         per-layer random streams
 ==================  =============================================================
 
-Importing the package registers every layer method; :data:`METHODS` lists them.
+Importing the package registers every method; :data:`METHODS` lists the layer
+methods, :data:`BLOCK_METHODS` those compared on transformer blocks. Both kinds run
+through the same :func:`apply_method`, :func:`measure_method` and :func:`angle_to_bp`.
 """
 
 from .asi import AsiConv2d, AsiLinear, AsiSettings, random_range_finder, subspace_iteration_step
@@ -43,6 +45,7 @@ from .hosvd_step import (
 )
 from .lance import BpSettings, LanceSettings
 from .loract import LoRActConv2d, LoRActLinear, LoRActSettings, loract_rank, qb_sketch, row_sketch
+from .loract_prenorm import LoRActPreNormBlockSettings, LoRActPreNormLinearSettings
 from .registry import (
     METHOD_TABLE,
     Applied,
@@ -56,9 +59,21 @@ from .registry import (
 )
 
 #: The registered layer methods, in display order (``bp``, ``lance``, ``hosvd``, ...).
-METHODS: tuple[str, ...] = tuple(n for n in METHOD_TABLE if n in registered_methods())
+METHODS: tuple[str, ...] = tuple(
+    n for n, info in METHOD_TABLE.items() if n in registered_methods() and info.kind == "layer"
+)
+#: The methods compared on the blocks of a pre-norm transformer, in display order: the
+#: layer methods that treat every block Linear on its own, then the block methods.
+BLOCK_METHODS: tuple[str, ...] = (
+    "bp",
+    "lance",
+    "loract",
+    "loract_prenorm",
+    "loract_prenorm_linear",
+)
 
 __all__ = [
+    "BLOCK_METHODS",
     "METHODS",
     "METHOD_TABLE",
     "Applied",
@@ -74,6 +89,8 @@ __all__ = [
     "LanceSettings",
     "LoRActConv2d",
     "LoRActLinear",
+    "LoRActPreNormBlockSettings",
+    "LoRActPreNormLinearSettings",
     "LoRActSettings",
     "MethodHandle",
     "MethodInfo",

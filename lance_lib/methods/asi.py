@@ -43,8 +43,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..calibration import Modes, canonical_modes, check_modes
 from ..hosvd import check_eps, unfold
+from ..modes import Modes, canonical_modes, check_modes
 from ..validation import check_choice, check_int
 from .hosvd_step import (
     PerLayerSettings,

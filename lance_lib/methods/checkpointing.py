@@ -35,7 +35,7 @@ from torch.utils.checkpoint import checkpoint
 from ..accounting import SavedTensorReport, measure_saved_tensors
 from ..models import split_at
 from ..validation import check_choice, check_int
-from .registry import Applied, MethodSettings, register_method
+from .registry import Applied, MethodSettings, Recomputation, register_method
 
 __all__ = ["REGIONS", "CheckpointSettings", "Checkpointed", "backward_peak", "checkpoint_region"]
 
@@ -127,6 +127,23 @@ class Checkpointed(nn.Module):
             h = out.pop()
         return inputs, reports
 
+    def set_enabled(self, enabled: bool) -> None:
+        """Checkpoint the region (``True``) or run it as plain autograd (``False``)."""
+        self.enabled = enabled
+
+    def recomputation(
+        self, x: torch.Tensor, step: Callable[[], None], names: list[str]
+    ) -> Recomputation:
+        """The backward pass's peak, its largest recomputation and what the modules
+        ``names`` hold then (:meth:`measure_segments`, :func:`backward_peak`)."""
+        inputs, segments = self.measure_segments(x)
+        recomputed = [r.activation_bytes for r in segments]
+        return Recomputation(
+            recompute_bytes=max(recomputed),
+            peak_bytes=backward_peak(inputs, recomputed),
+            layer_bytes=max(r.bytes_of(names) for r in segments),
+        )
+
 
 def backward_peak(inputs: list[int], recomputed: list[int]) -> int:
     """Peak saved bytes of a checkpointed backward pass from per-segment measurements.
@@ -209,7 +226,11 @@ class CheckpointSettings(MethodSettings):
         calib_loader: Iterable[Any] | None = None,
         forward: Callable[[nn.Module, Any], torch.Tensor] | None = None,
     ) -> Applied:
-        """Wrap the model in a :class:`Checkpointed` (nothing is swapped)."""
+        """Wrap the model in a :class:`Checkpointed` (nothing is swapped); the wrapper
+        switches itself off for plain BP and measures its recomputation."""
         order = [n for n, _ in model.named_modules() if n in targets]
         first = order[0] if self.region == "auto" else None
-        return Applied(checkpoint_region(model, first, self.segments))
+        wrapper = checkpoint_region(model, first, self.segments)
+        return Applied(
+            wrapper, set_enabled=wrapper.set_enabled, recomputation=wrapper.recomputation
+        )

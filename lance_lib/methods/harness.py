@@ -5,13 +5,16 @@ same accounting, so that each difference in a table is the method's.  The method
 registered where they are defined (:mod:`lance_lib.methods.registry`); their names and
 display labels are in :data:`lance_lib.methods.METHOD_TABLE`.
 
-:func:`apply_method` swaps the chosen layers in place (or, for ``checkpoint``, wraps
-the model) and returns a :class:`MethodHandle`: the module to train (``.model``), the
-method's frozen settings, its analytic activation memory (Appendix C), a context
-manager that runs plain BP on the same weights (for reference gradients and
-evaluation) and ``restore()``.  :func:`measure_method` times, counts and measures one
-training step of any handle the same way (a :class:`MethodMeasurement`);
-:func:`angle_to_bp` is the gradient-angle probe of Fig. 2.
+:func:`apply_method` swaps the chosen layers in place (or larger units holding them,
+such as transformer blocks, or wraps the model, as ``checkpoint`` does) and returns a
+:class:`MethodHandle`: the module to train (``.model``), the method's frozen settings,
+its analytic activation memory (Appendix C), a context manager that runs plain BP on
+the same weights (for reference gradients and evaluation) and ``restore()``.
+:func:`measure_method` times, counts and measures one training step of any handle the
+same way (a :class:`MethodMeasurement`); :func:`angle_to_bp` is the gradient-angle
+probe of Fig. 2.  Conv-layer methods and transformer-block methods share all of it:
+the harness reads what each method says it did (:class:`~lance_lib.methods.registry.Applied`)
+and never asks which method it holds.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import torch
 from torch import nn
 
 from ..accounting import (
+    SavedTensorReport,
     cuda_peak_bytes,
     gradient_angle,
     measure_flops,
@@ -36,8 +40,7 @@ from ..accounting import (
     synchronizer,
 )
 from ..calibration import resolve_layers
-from ..layers import set_submodule
-from .checkpointing import Checkpointed, backward_peak
+from ..models.surgery import set_submodule
 from .registry import Applied, MethodSettings, settings_from_options
 
 __all__ = [
@@ -66,19 +69,19 @@ class MethodHandle:
     settings
         The method's frozen settings (its ``name`` is the method's name).
     model
-        The module to train and evaluate: the model itself, or for ``checkpoint`` a
-        :class:`lance_lib.methods.checkpointing.Checkpointed` wrapper sharing its
-        modules.
+        The module to train and evaluate: the model itself, or a wrapper sharing its
+        modules (``checkpoint``).
     root
         The model passed to :func:`apply_method` (layer names refer to it).
     layers
         Names of the trainable layers whose activations the method treats.
     applied
-        What the method did (replacements, LANCE's subspaces).
+        What the method did (replacements, LANCE's subspaces, ...).
     originals
-        Layer name -> the original module (put back by :meth:`restore`).
+        Name -> the module that was there before the method swapped it (put back by
+        :meth:`restore`).
     input_shapes
-        Layer name -> input shape of the last forward pass.
+        Treated module name -> input shape of the last forward pass.
     """
 
     settings: MethodSettings
@@ -102,12 +105,18 @@ class MethodHandle:
 
     @property
     def replacements(self) -> dict[str, nn.Module]:
-        """Layer name -> the module the method put there."""
+        """Module name -> the module the method put there."""
         return self.applied.replacements
 
+    @property
+    def treated(self) -> list[str]:
+        """The modules standing for the treated layers: the layers, or the units the
+        method swapped for them (:attr:`~lance_lib.methods.registry.Applied.treated`)."""
+        return self.layers if self.applied.treated is None else self.applied.treated
+
     def track_shapes(self) -> None:
-        """Record every treated layer's input shape on each forward pass."""
-        for name in self.layers:
+        """Record every treated module's input shape on each forward pass."""
+        for name in self.treated:
             module = self.root.get_submodule(name)
 
             def hook(_m: nn.Module, inputs: tuple, name: str = name) -> None:
@@ -120,8 +129,8 @@ class MethodHandle:
         for name, module in chosen.items():
             if name in self.replacements:
                 set_submodule(self.root, name, module)
-        if isinstance(self.model, Checkpointed):
-            self.model.enabled = not use_originals
+        if self.applied.set_enabled is not None:
+            self.applied.set_enabled(not use_originals)
 
     @contextmanager
     def bypassed(self) -> Iterator[nn.Module]:
@@ -146,20 +155,21 @@ class MethodHandle:
         return self.root
 
     def module_names(self) -> dict[str, str]:
-        """Layer name in ``root`` -> name of the same module inside ``self.model``."""
+        """Treated module name in ``root`` -> name of the same module in ``self.model``."""
         where = {id(m): n for n, m in self.model.named_modules()}
-        return {name: where[id(self.root.get_submodule(name))] for name in self.layers}
+        return {name: where[id(self.root.get_submodule(name))] for name in self.treated}
 
     def layer_elements(self) -> dict[str, tuple[int, int]]:
-        """Per layer, Appendix C elements ``(BP, method)`` kept for the weight gradient.
+        """Per treated module, Appendix C elements ``(BP, method)`` kept for backward.
 
         BP keeps the whole input ``prod_i n_i``; LANCE and the per-step HOSVD / ASI
         keep the core and the factors of the compressed modes,
-        ``prod_i r_i + sum_i n_i r_i``; LoRAct keeps ``L k + k n``; checkpointing
-        counts as BP (the recomputation rebuilds each layer's input).  Shapes and
-        per-step ranks are those of the last training forward pass (one must have run).
+        ``prod_i r_i + sum_i n_i r_i``; LoRAct keeps ``L k + k n`` (its pre-norm units
+        what they report); checkpointing counts as BP (the recomputation rebuilds each
+        layer's input).  Shapes and per-step ranks are those of the last training
+        forward pass (one must have run).
         """
-        missing = [n for n in self.layers if n not in self.input_shapes]
+        missing = [n for n in self.treated if n not in self.input_shapes]
         if missing:
             raise RuntimeError(f"run a forward pass first; no input seen for layers {missing}")
         return {
@@ -167,7 +177,7 @@ class MethodHandle:
                 math.prod(self.input_shapes[name]),
                 self.settings.kept_elements(self.applied, name, self.input_shapes[name]),
             )
-            for name in self.layers
+            for name in self.treated
         }
 
     def analytic_mb(self) -> float:
@@ -181,8 +191,10 @@ class MethodHandle:
         )
 
     def ranks(self) -> dict[str, Any]:
-        """Per layer: mode ranks (LANCE, HOSVD, ASI), sketch rank ``k`` (LoRAct) or None."""
-        return {name: self.settings.layer_ranks(self.applied, name) for name in self.layers}
+        """Per layer, then per swapped unit: mode ranks (LANCE, HOSVD, ASI), sketch rank
+        ``k`` (LoRAct and its pre-norm units) or None."""
+        names = [*self.layers, *(n for n in self.treated if n not in self.layers)]
+        return {name: self.settings.layer_ranks(self.applied, name) for name in names}
 
 
 def method_settings(method: str | MethodSettings, **options: Any) -> dict[str, Any]:
@@ -213,10 +225,12 @@ def apply_method(
         The network (modified in place; :meth:`MethodHandle.restore` undoes it).
     method
         A name of :data:`lance_lib.methods.METHODS` (``"bp"``, ``"lance"``,
-        ``"hosvd"``, ``"asi"``, ``"loract"``, ``"checkpoint"``) or a settings object
-        (:class:`lance_lib.methods.LanceSettings` ...).
+        ``"hosvd"``, ``"asi"``, ``"loract"``, ``"checkpoint"``), of
+        :data:`lance_lib.methods.BLOCK_METHODS` (on transformer blocks), or a settings
+        object (:class:`lance_lib.methods.LanceSettings` ...).
     layers
-        Names of the trainable Conv2d / Linear modules (e.g. the last N convs).
+        Names of the trainable Conv2d / Linear modules (e.g. the last N convs, or
+        :func:`lance_lib.models.vit.block_linear_names` of a transformer).
     calib_loader
         ``lance`` only: calibration batches (Phase I); required for ``lance``.
     forward
@@ -226,7 +240,8 @@ def apply_method(
         methods are ignored, unknown ones raise): ``eps``, ``num_batches``, ``modes``
         (LANCE, default ``"channel"``; HOSVD and ASI, default ``"all"``), ``solver``
         (HOSVD), ``first_step`` and ``seed`` (ASI), ``rank_ratio`` and ``seed``
-        (LoRAct), ``region`` and ``segments`` (checkpointing).
+        (LoRAct and its pre-norm variants), ``region`` and ``segments``
+        (checkpointing).
 
     Returns
     -------
@@ -240,8 +255,10 @@ def apply_method(
         settings = settings_from_options(method, **options)
     layers = list(layers)
     targets = resolve_layers(model, layers)
+    before = dict(model.named_modules())
     applied = settings.apply(model, targets, calib_loader=calib_loader, forward=forward)
-    handle = MethodHandle(settings, applied.model, model, layers, applied, dict(targets))
+    originals = {name: before[name] for name in applied.replacements}
+    handle = MethodHandle(settings, applied.model, model, layers, applied, originals)
     handle.track_shapes()
     return handle
 
@@ -261,16 +278,20 @@ class MethodMeasurement:
         Their medians.
     flops_measured
         ``FlopCounterMode`` count of one forward and backward (matrix products and
-        convolutions; decompositions are not counted).
+        convolutions; decompositions are not counted); ``None`` for a method whose
+        recomputation measurement ran that step (LoRAct's pre-norm mode, whose backward
+        calls ``autograd.grad``, which ``FlopCounterMode`` cannot follow).
     measured_layer_bytes
-        What the treated layers keep for backward (saved-tensor hooks) plus the
-        factors held as buffers; for ``checkpoint``, what they hold during the
-        largest segment's recomputation.
+        What the treated modules keep for backward (saved-tensor hooks) plus the
+        factors held as buffers; for a method that recomputes, what they hold at the
+        peak it measured (``checkpoint``: the largest segment's recomputation).
     measured_region_bytes
         Every distinct storage the step keeps for backward at its peak (the trained
-        region, the classifier, the loss) plus the factors; for ``checkpoint``, the
-        peak during backward, ``max_i (inputs of segments 1..i + recompute of i)``
-        (:func:`lance_lib.methods.checkpointing.backward_peak`).
+        region, the classifier, the loss) plus the factors; for a method that
+        recomputes, the peak during backward (``checkpoint``:
+        ``max_i (inputs of segments 1..i + recompute of i)``,
+        :func:`lance_lib.methods.checkpointing.backward_peak`; the pre-norm mode:
+        what is kept between the passes plus its largest recomputation).
     measured_factor_bytes
         Factors held as buffers between steps (LANCE, ASI).
     measured_by_kind
@@ -281,7 +302,8 @@ class MethodMeasurement:
         anything saved outside them.
     recompute_bytes
         The largest recomputation's saved bytes during backward (``checkpoint``: one
-        segment's forward, measured); 0 for methods that recompute nothing.
+        segment's forward; LoRAct's pre-norm mode: attention or the MLP of a block,
+        measured inside its backward); 0 for methods that recompute nothing.
     cuda_peak_bytes, cuda_baseline_bytes
         On CUDA, ``torch.cuda.max_memory_allocated`` during one training step and
         the memory allocated before it (weights, inputs); ``None`` elsewhere.
@@ -290,6 +312,9 @@ class MethodMeasurement:
         (:meth:`MethodHandle.analytic_mb`, published MB convention).
     ranks
         :meth:`MethodHandle.ranks`.
+
+    The saved-tensor report behind these numbers is :attr:`saved` (not a field, not
+    recorded).
     """
 
     forward_s: list[float]
@@ -298,7 +323,7 @@ class MethodMeasurement:
     forward_s_median: float
     backward_s_median: float
     step_s_median: float
-    flops_measured: int
+    flops_measured: int | None
     measured_layer_bytes: int
     measured_region_bytes: int
     measured_factor_bytes: int
@@ -310,6 +335,13 @@ class MethodMeasurement:
     analytic_mb: float
     analytic_bp_mb: float
     ranks: dict[str, Any]
+
+    @property
+    def saved(self) -> SavedTensorReport:
+        """The saved-tensor report of the measured step, by module (for finer breakdowns
+        such as the bytes kept inside each transformer block); set by
+        :func:`measure_method`."""
+        return self.__dict__["_saved"]
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a JSON-ready dict (for results records)."""
@@ -377,7 +409,10 @@ def measure_method(
     -----
     Gradients are cleared before and after; weights are not changed (no optimiser
     step).  Per-step methods (HOSVD, ASI, LoRAct) advance their state (ASI's warm start,
-    LoRAct's sampler) as in training.
+    LoRAct's sampler) as in training: by the timed steps, the saved-tensor step and one
+    more step, which measures the recomputation of a method that recomputes by running
+    a step (:attr:`~lance_lib.methods.registry.Applied.recomputation`) and otherwise
+    counts the FLOPs.
     """
     forward = forward or _default_forward
     model = handle.model
@@ -389,8 +424,13 @@ def measure_method(
         _zero_grads(model)
         loss().backward()
 
+    ran: list[bool] = []
+
+    def instrumented_step() -> None:
+        ran.append(True)
+        step()
+
     fwd_s, bwd_s = _time_steps(model, loss, repeats, warmup)
-    flops = measure_flops(step)
     cuda = cuda_peak_bytes(_device_of(model), step)
     _zero_grads(model)
     names = list(handle.module_names().values())
@@ -399,13 +439,19 @@ def measure_method(
     layer_bytes = report.bytes_of(names) + factor_bytes
     stored = peak = report.activation_bytes + factor_bytes
     recompute = 0
-    if isinstance(model, Checkpointed):
-        inputs, segments = model.measure_segments(batch[0])
-        recomputed = [r.activation_bytes for r in segments]
-        peak, recompute = backward_peak(inputs, recomputed), max(recomputed)
-        layer_bytes = max(r.bytes_of(names) for r in segments)
+    if handle.applied.recomputation is not None:
+        try:
+            measured = handle.applied.recomputation(batch[0], instrumented_step, names)
+        finally:
+            _zero_grads(model)
+        recompute = measured.recompute_bytes
+        peak = stored + recompute if measured.peak_bytes is None else measured.peak_bytes
+        if measured.layer_bytes is not None:
+            layer_bytes = measured.layer_bytes
+    flops = None if ran else measure_flops(step)
+    _zero_grads(model)
     steps = [f + b for f, b in zip(fwd_s, bwd_s, strict=True)]
-    return MethodMeasurement(
+    measurement = MethodMeasurement(
         forward_s=fwd_s,
         backward_s=bwd_s,
         step_s=steps,
@@ -425,6 +471,8 @@ def measure_method(
         analytic_bp_mb=published_mb([full for full, _ in handle.layer_elements().values()]),
         ranks=handle.ranks(),
     )
+    object.__setattr__(measurement, "_saved", report)  # frozen; not a recorded field
+    return measurement
 
 
 def angle_to_bp(

@@ -27,9 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..calibration import Modes, canonical_modes, check_modes, resolve_modes
 from ..hosvd import check_eps, energy_rank, sorted_eigh, unfold
-from ..layers import lance_conv2d, lance_linear, set_submodule
+from ..layers import lance_conv2d, lance_linear
+from ..models.surgery import set_submodule
+from ..modes import Modes, canonical_modes, check_modes, resolve_modes
 from ..validation import check_choice
 from .registry import Applied, MethodSettings, register_method
 
@@ -99,7 +100,7 @@ def mode_subspace(
 
 
 def layer_modes(modes: Modes, layer: nn.Module, ndim: int, name: str = "layer") -> set[int]:
-    """Mode indices a per-step layer compresses (:func:`lance_lib.calibration.resolve_modes`).
+    """Mode indices a per-step layer compresses (:func:`lance_lib.modes.resolve_modes`).
 
     ``"channel"`` is the mode the weights act on: 1 for a Conv2d, the last for a Linear.
     """

@@ -15,6 +15,20 @@ it never points away from the full gradient.  Compressing the batch or spatial m
 too keeps the gradient of the projected input exactly, but that gradient can point
 away from the full one (see :mod:`lance_lib.layers`); ``modes="all"`` (Eq. 1 as
 written) and ``"no_batch"`` stay available.
+
+LANCE's modes for 3-D inputs
+----------------------------
+On the ``(batch, tokens, features)`` inputs of a transformer block's Linear layers
+the default is also ``modes="channel"`` (the feature mode only), the reading of
+Eq. (1) under which Theorem 1 holds (:mod:`lance_lib.layers`).  ``"no_batch"`` also
+compresses the token mode: tokens are patch positions, fixed for a given input size,
+so their covariance over calibration batches is a stable statistic and the token
+factor compresses well, at the price of gradients that can point away from BP's and a
+layer tied to the calibrated token count.  ``"all"`` adds the batch mode: samples in a
+shuffled batch are exchangeable, so the expected batch covariance is
+``a I + b 1 1^T``; apart from the mean direction no subspace is preferred, Eq. (3)
+keeps a large share of the batch directions, and training is tied to the calibrated
+batch size.
 """
 
 from __future__ import annotations
@@ -26,9 +40,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..calibration import calibrate, canonical_modes, check_modes
+from ..calibration import calibrate
 from ..hosvd import check_eps
 from ..layers import compress
+from ..modes import canonical_modes, check_modes
 from ..validation import check_int
 from .hosvd_step import tucker_elements
 from .registry import Applied, MethodSettings, register_method

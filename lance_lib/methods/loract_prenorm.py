@@ -38,6 +38,11 @@ hidden pre-activation and GELU output).
       with ``g_hat = g * gamma`` and means over the feature mode
       (:func:`layer_norm_backward`).
 
+Both are registered methods (:class:`LoRActPreNormBlockSettings`,
+:class:`LoRActPreNormLinearSettings`): ``apply_method(tail, "loract_prenorm",
+block_linear_names(tail), rank_ratio=0.25)`` swaps the units holding the given block
+Linear layers, and the harness measures them as any other method.
+
 At ``r = 1`` (tall activations) the sketch is exact and every gradient is BP's.  Below
 that, unlike layer-wise LoRAct (whose input gradients are exact), the LayerNorm's input
 gradient uses the approximated normalised rows, so the approximation also reaches the
@@ -55,19 +60,26 @@ LayerNorm backward reads; no division).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..accounting import SavedBytesCounter
-from .loract import check_rank_ratio, loract_rank, qb_sketch
+from ..models.surgery import set_submodule
+from ..models.vit import Block, NormLinear
+from .loract import LoRActSettings, check_rank_ratio, loract_rank, qb_sketch
+from .registry import Applied, Recomputation, Recompute, register_method
 from .seeding import layer_generator
 
 __all__ = [
     "LoRActPreNormBlock",
+    "LoRActPreNormBlockSettings",
     "LoRActPreNormLinear",
+    "LoRActPreNormLinearSettings",
     "layer_norm_backward",
     "prenorm_checkpoint",
     "prenorm_linear",
@@ -435,3 +447,116 @@ class LoRActPreNormBlock(nn.Module):
             raise RuntimeError(f"{self.layer_name}: no compressed forward has run yet")
         rows, d = math.prod(self.last_input_shape[:-1]), self.last_input_shape[-1]
         return 2 * (rows * self.rank + d * self.rank + rows)
+
+
+def _units(model: nn.Module, kind: type[nn.Module], targets: Mapping[str, nn.Module]) -> list[str]:
+    """Names of the ``kind`` modules of ``model`` that hold one of the ``targets``."""
+    return [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, kind) and any(t.startswith(f"{name}.") for t in targets)
+    ]
+
+
+def _measure_recompute(blocks: list[LoRActPreNormBlock]) -> Recompute:
+    """The blocks' largest backward recomputation, measured over one training step."""
+
+    def measure(
+        _inputs: torch.Tensor, step: Callable[[], None], _names: list[str]
+    ) -> Recomputation:
+        for block in blocks:
+            block.recompute_bytes = []
+        try:
+            step()
+            return Recomputation(max((b for u in blocks for b in u.recompute_bytes), default=0))
+        finally:
+            for block in blocks:
+                block.recompute_bytes = None
+
+    return measure
+
+
+@dataclass(frozen=True)
+class _PreNormSettings(LoRActSettings):
+    """What both pre-norm methods share: layer-wise LoRAct's settings (``rank_ratio``,
+    ``seed``) and the swap of every unit holding a target (see :meth:`apply`)."""
+
+    #: The kind of module a unit is (a whole block, or a LayerNorm with its projection).
+    holder: ClassVar[type[nn.Module]]
+
+    def make_unit(self, original: nn.Module, name: str) -> nn.Module:
+        """The compressed twin of the unit ``original`` named ``name``."""
+        raise NotImplementedError
+
+    def recomputation(self, units: list[nn.Module]) -> Recompute | None:
+        """How to measure what ``units`` recompute in backward (``None``: nothing)."""
+        return None
+
+    def apply(
+        self,
+        model: nn.Module,
+        targets: Mapping[str, nn.Module],
+        *,
+        calib_loader: Iterable[Any] | None = None,
+        forward: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+    ) -> Applied:
+        """Swap every :attr:`holder` unit holding a target for :meth:`make_unit`'s twin
+        and sketch the targets outside the units layer by layer (LoRAct); the units
+        and those targets are the treated modules."""
+        units = _units(model, self.holder, targets)
+        rest = {n: m for n, m in targets.items() if not any(n.startswith(f"{u}.") for u in units)}
+        applied = super().apply(model, rest)  # layer-wise LoRAct (make_layer)
+        for name in units:
+            unit = self.make_unit(model.get_submodule(name), name)
+            set_submodule(model, name, unit)
+            applied.replacements[name] = unit
+        applied.treated = units + list(rest)
+        applied.recomputation = self.recomputation([applied.replacements[u] for u in units])
+        return applied
+
+    def layer_ranks(self, applied: Applied, name: str) -> int | None:
+        """The sketch rank ``k`` of the module swapped at ``name`` (``None`` elsewhere)."""
+        module = applied.replacements.get(name)
+        return None if module is None else module.rank
+
+
+@register_method("loract_prenorm")
+@dataclass(frozen=True)
+class LoRActPreNormBlockSettings(_PreNormSettings):
+    """LoRAct's pre-norm mode: every block holding a target becomes a
+    :class:`LoRActPreNormBlock` (the targets are the blocks' Linear layers), which
+    recomputes attention and the MLP in backward.
+
+    Attributes
+    ----------
+    rank_ratio, seed
+        ``r`` (``k = int(r D)``) and the sampling seed.
+    """
+
+    holder: ClassVar[type[nn.Module]] = Block
+
+    def make_unit(self, original: nn.Module, name: str) -> nn.Module:
+        return LoRActPreNormBlock(original, name, rank_ratio=self.rank_ratio, seed=self.seed)
+
+    def recomputation(self, units: list[nn.Module]) -> Recompute | None:
+        return _measure_recompute(units)
+
+
+@register_method("loract_prenorm_linear")
+@dataclass(frozen=True)
+class LoRActPreNormLinearSettings(_PreNormSettings):
+    """Each LayerNorm + first projection holding a target becomes a
+    :class:`LoRActPreNormLinear`; the other targets get layer-wise LoRAct.
+
+    Attributes
+    ----------
+    rank_ratio, seed
+        ``r`` (``k = int(r D)``) and the sampling seed, for both kinds of module.
+    """
+
+    holder: ClassVar[type[nn.Module]] = NormLinear
+
+    def make_unit(self, original: nn.Module, name: str) -> nn.Module:
+        return LoRActPreNormLinear(
+            original.norm, original.linear, name, rank_ratio=self.rank_ratio, seed=self.seed
+        )

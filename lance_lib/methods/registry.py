@@ -3,12 +3,13 @@
 :data:`METHOD_TABLE` holds the display information of every method any table or figure
 shows (a :class:`MethodInfo`: name, label, colour, the paper's name, kind, one-line
 description), so that plots, tables and notebooks label and colour a method the same
-way everywhere.  It lists more than can be applied to a layer: the transformer block
-variants and the continual-learning strategies are display entries whose
-implementations live in :mod:`lance_lib.methods.blocks` and :mod:`lance_lib.continual`.
+way everywhere.  It lists more than the registered methods: the continual-learning
+strategies are display entries whose implementations live in
+:mod:`lance_lib.continual`.
 
-The per-layer methods register where they are defined, as timm's ``@register_model``
-does for models::
+The methods register where they are defined, as timm's ``@register_model`` does for
+models, the layer methods and the transformer-block methods
+(:mod:`lance_lib.methods.loract_prenorm`) alike::
 
     @register_method("lance")
     @dataclass(frozen=True)
@@ -17,8 +18,12 @@ does for models::
         ...
 
 A method is its frozen settings dataclass (validated once, at construction) whose
-:meth:`MethodSettings.apply` prepares a model; :func:`lance_lib.methods.apply_method`
-looks the class up by name, so nothing dispatches with ``if``/``elif`` on names.
+:meth:`MethodSettings.apply` prepares a model and describes what it did
+(:class:`Applied`: the modules it swapped, the wrapper to train, how to switch it off
+for a plain-BP pass, what it recomputes during backward);
+:func:`lance_lib.methods.apply_method` looks the class up by name and the harness reads
+that description, so nothing dispatches with ``if``/``elif`` on names or asks which
+method it holds.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ __all__ = [
     "Applied",
     "MethodInfo",
     "MethodSettings",
+    "Recomputation",
     "method_color",
     "method_info",
     "method_label",
@@ -68,9 +74,10 @@ class MethodInfo:
         What the LANCE paper calls it (``None`` when the paper does not use it).
     kind
         ``"layer"``: applied to chosen Conv2d / Linear layers by
-        :func:`lance_lib.methods.apply_method`; ``"block"``: a transformer-block
-        variant of :func:`lance_lib.methods.blocks.apply_block_method`;
-        ``"continual"``: a continual-learning strategy of :mod:`lance_lib.continual`.
+        :func:`lance_lib.methods.apply_method`; ``"block"``: applied by the same
+        function to the Linear layers of pre-norm transformer blocks, swapping whole
+        units (:mod:`lance_lib.methods.loract_prenorm`); ``"continual"``: a
+        continual-learning strategy of :mod:`lance_lib.continual`.
     description
         One line saying what the code computes.
     """
@@ -84,6 +91,9 @@ class MethodInfo:
 
 
 METHOD_KINDS = ("layer", "block", "continual")
+#: The kinds :func:`register_method` registers (the continual strategies register in
+#: :mod:`lance_lib.continual.strategies`).
+APPLIED_KINDS = ("layer", "block")
 
 _TABLE: tuple[MethodInfo, ...] = (
     MethodInfo("bp", "BP", "#0173b2", "BP", "layer", "plain backpropagation"),
@@ -191,23 +201,64 @@ def method_color(name: str) -> str:
     return method_info(name).color
 
 
+@dataclass(frozen=True)
+class Recomputation:
+    """What a method that recomputes during backward measured (:attr:`Applied.recomputation`).
+
+    Attributes
+    ----------
+    recompute_bytes
+        The largest recomputation's saved bytes during backward.
+    peak_bytes
+        The peak of saved bytes during backward; ``None``: what is kept between the
+        passes plus ``recompute_bytes``.
+    layer_bytes
+        What the treated modules hold at that peak; ``None``: what they keep between
+        the passes.
+    """
+
+    recompute_bytes: int
+    peak_bytes: int | None = None
+    layer_bytes: int | None = None
+
+
+#: ``recomputation(inputs, step, names) -> Recomputation``: ``inputs`` the batch's
+#: inputs, ``step()`` one training step, ``names`` the treated modules' names in the
+#: module to train.
+Recompute = Callable[[torch.Tensor, Callable[[], None], list[str]], Recomputation]
+
+
 @dataclass
 class Applied:
-    """What :meth:`MethodSettings.apply` did to a model.
+    """What :meth:`MethodSettings.apply` did to a model: all the harness knows of it.
 
     Attributes
     ----------
     model
         The module to train: the model itself, or a wrapper sharing its modules.
     replacements
-        Layer name -> the module now at that name (empty when nothing was swapped).
+        Module name -> the module now at that name (empty when nothing was swapped).
     subspaces
         LANCE's calibrated subspaces (``None`` for the other methods).
+    treated
+        Names of the modules that stand for the treated layers when the method swapped
+        larger units than the layers it was given (a transformer block, a LayerNorm
+        with its first projection); ``None``: the layers themselves.
+    set_enabled
+        ``set_enabled(False)`` makes :attr:`model` plain BP on the same weights,
+        ``set_enabled(True)`` undoes it, for a wrapper that swaps nothing
+        (checkpointing); ``None``: swapping the originals back is enough.
+    recomputation
+        Measures what the method recomputes during backward (a :data:`Recompute`);
+        ``None``: nothing is recomputed.
     """
 
     model: nn.Module
     replacements: dict[str, nn.Module] = field(default_factory=dict)
     subspaces: Any = None
+    treated: list[str] | None = None
+    set_enabled: Callable[[bool], None] | None = None
+    recomputation: Recompute | None = None
 
 
 S = TypeVar("S", bound="MethodSettings")
@@ -270,14 +321,17 @@ class MethodSettings:
 def register_method(name: str) -> Callable[[type[S]], type[S]]:
     """Class decorator: register a frozen settings dataclass as method ``name``.
 
-    ``name`` must be a ``"layer"`` entry of :data:`METHOD_TABLE` (its display
-    information lives there, once).
+    ``name`` must be a ``"layer"`` or ``"block"`` entry of :data:`METHOD_TABLE` (its
+    display information lives there, once).
     """
 
     def decorate(cls: type[S]) -> type[S]:
         info = method_info(name)
-        if info.kind != "layer":
-            raise ValueError(f"{name!r} is a {info.kind!r} entry, not a layer method")
+        if info.kind not in APPLIED_KINDS:
+            raise ValueError(
+                f"{name!r} is a {info.kind!r} entry, not a layer method or a block method; "
+                "register it where its kind is registered"
+            )
         if name in _REGISTRY:
             raise ValueError(f"method {name!r} is already registered by {_REGISTRY[name]}")
         cls.name = name
@@ -288,7 +342,7 @@ def register_method(name: str) -> Callable[[type[S]], type[S]]:
 
 
 def registered_methods() -> tuple[str, ...]:
-    """Names of the registered layer methods, in registration order."""
+    """Names of the registered methods (layer and block), in registration order."""
     return tuple(_REGISTRY)
 
 

@@ -27,6 +27,7 @@ from lance_lib.models.surgery import (
     last_n_convs,
     last_n_layers,
     replace_classifier,
+    set_submodule,
     split_at,
 )
 from lance_lib.models.vit import vit_tiny
@@ -51,6 +52,7 @@ __all__ = [
     "replace_classifier",
     "resnet18",
     "resnet34",
+    "set_submodule",
     "split_at",
     "vit_tiny",
 ]

@@ -26,6 +26,7 @@ __all__ = [
     "last_n_convs",
     "last_n_layers",
     "replace_classifier",
+    "set_submodule",
     "split_at",
 ]
 
@@ -146,6 +147,18 @@ def last_n_convs(model: nn.Module, n: int) -> list[tuple[str, nn.Conv2d]]:
     ``layer4.0.downsample.0``, ``layer4.1.conv1`` and ``layer4.1.conv2``.
     """
     return last_n_layers(model, n, (nn.Conv2d,))
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at the dotted path ``name`` of ``model`` (in place).
+
+    ``name`` is as in ``model.named_modules()``; its parent must exist.  Unlike
+    ``nn.Module.set_submodule`` of older PyTorch releases, the target may be a module
+    of another type (a LANCE layer for a Conv2d, a lean companion for a ReLU).
+    """
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
 
 
 def _keep_batchnorm_eval(module: nn.Module, args: tuple) -> None:

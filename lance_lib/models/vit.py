@@ -53,6 +53,7 @@ __all__ = [
     "TokenMean",
     "VisionTransformer",
     "block_linear_names",
+    "block_names",
     "split_blocks",
     "vit_tiny",
 ]
@@ -192,7 +193,7 @@ def vit_tiny(num_classes: int, *, weights: str | None = None, **kwargs) -> Visio
         Classifier outputs.
     weights
         Must be ``None``: the network is pretrained offline on class split A
-        (:func:`lance_lib.experiments.pretrain.pretrain`), never downloaded.
+        (:func:`lance_lib.training.pretrain.pretrain`), never downloaded.
     **kwargs
         Passed to :class:`VisionTransformer`.
 
@@ -246,3 +247,8 @@ def block_linear_names(model: nn.Module) -> list[str]:
         for name, m in model.named_modules()
         if isinstance(m, nn.Linear) and name.startswith("blocks.")
     ]
+
+
+def block_names(model: nn.Module) -> list[str]:
+    """Names of the :class:`Block` modules, in forward order (a whole model or a tail)."""
+    return [name for name, m in model.named_modules() if isinstance(m, Block)]

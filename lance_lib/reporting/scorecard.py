@@ -123,7 +123,7 @@ def gather_records(
     from lance_lib.continual import SaturationWarning
     from lance_lib.experiments.base import run_experiment
     from lance_lib.experiments.sweeps import sweep
-    from lance_lib.notebook_runner import profile_parameters
+    from lance_lib.profiles import profile_parameters
 
     out: dict[str, list[dict[str, Any]]] = {}
     for notebook in notebooks:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lance_lib.experiments.claim import claim_is_stale, read_claim, try_claim
+from lance_lib.experiments.locks import claim_is_stale, read_claim, try_claim
 from lance_lib.io import write_json_atomic
 
 

@@ -257,7 +257,7 @@ def _pretrain_fresh(
     """Train as ``settings`` say, resuming from the last finished epoch; returns the model
     and the checkpoint payload."""
     from lance_lib.data import make_loader
-    from lance_lib.experiments.loop import evaluate, train_epoch
+    from lance_lib.training.loop import evaluate, train_epoch
 
     train_set, test_set, num_classes = _make_datasets(settings, root)
     batch_size = settings["batch_size"]

@@ -52,16 +52,16 @@ from typing import Any, ClassVar
 import torch
 
 from lance_lib.accounting import MIB
-from lance_lib.continual.benchmarks import (
-    BENCHMARKS,
-    BenchmarkSpec,
-    build_benchmark_model,
-    load_benchmark,
-)
+from lance_lib.continual.benchmarks import BENCHMARKS, build_benchmark_model, load_benchmark
+from lance_lib.continual.specs import BenchmarkSpec
 from lance_lib.continual.strategies import STRATEGIES, build_strategy
-from lance_lib.experiments.base import ExperimentConfig, register_experiment, run_experiment
+from lance_lib.experiments.base import (
+    ExperimentConfig,
+    register_experiment,
+    register_sweep,
+    run_experiment,
+)
 from lance_lib.experiments.cache import cached_record, record_path
-from lance_lib.experiments.sweeps import register_sweep
 from lance_lib.io import jsonable
 from lance_lib.paths import results_dir as default_results_dir
 from lance_lib.validation import check_choice, check_int
@@ -276,7 +276,7 @@ def run_benchmark(
     Returns
     -------
     dict
-        The record (see :mod:`lance_lib.continual.runner`).
+        The record (see :mod:`lance_lib.experiments.continual`).
     """
     if epochs is not None:
         overrides["epochs"] = epochs

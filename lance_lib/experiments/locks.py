@@ -1,4 +1,4 @@
-"""Exclusive claims: at most one process computes a given result record at a time.
+"""File locks (exclusive claims): at most one process computes a given result record at a time.
 
 A Dask scheduler that presumes a worker dead (no heartbeat within its time-to-live)
 hands the worker's task to another worker, although the first may still be computing;
