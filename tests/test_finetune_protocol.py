@@ -111,3 +111,50 @@ def test_subspace_goes_stale_and_recalibration_restores_it(tmp_path, one_thread)
     assert fresh["train_loss"][0] == stale["train_loss"][0]
     assert fresh["train_loss"][1:] != stale["train_loss"][1:]
     assert fresh_energy[list(fresh_energy)[1]][-1] > second_energy[-1] + 0.1
+
+
+def test_claim_runs_sweep_lists_seeds_readings_eps_n_and_the_recalibrated_diagnostic():
+    from lance_lib.experiments.sweeps import sweep
+
+    params = {
+        "finetune": {**TINY, "model": "resnet18", "epochs": 4, "lr_schedule": "cosine"},
+        "model": "resnet18",
+        "dataset": "cifar10_mini",
+        "seeds": [0, 1, 2],
+        "layer_counts": [2, 4],
+        "methods": ["bp", "lance"],
+        "lance_modes": ["channel", "all"],
+        "eps_values": [0.9, 0.95],
+        "n_eps": 0.7,
+        "n_values": [5],
+        "energy_batches": 4,
+        "recalibrate": {"eps": [0.7], "seeds": [0], "layer_counts": [4]},
+    }
+    configs = sweep("claim_runs", params)
+    # per seed: (bp + lance x 2 readings) x 2 layer counts, 2 eps, 1 N; + 1 recalibrated
+    assert len(configs) == 3 * (3 * 2 + 2 + 1) + 1
+    assert all(c.epochs == 4 and c.lr_schedule == "cosine" for c in configs)
+    lance = [c for c in configs if c.method == "lance"]
+    assert all(c.energy_batches == 4 for c in lance)
+    assert all(c.energy_batches == 0 for c in configs if c.method == "bp")
+    readings = {(c.seed, c.layers, c.method_options.get("modes", "channel")) for c in lance}
+    assert {(s, n, m) for s in (0, 1, 2) for n in (2, 4) for m in ("channel", "all")} <= readings
+    recalibrated = [c for c in configs if c.recalibrate]
+    assert [(c.seed, c.layers, c.eps) for c in recalibrated] == [(0, 4, 0.7)]
+    assert {c.num_batches for c in lance if c.eps == 0.7 and not c.recalibrate} == {2, 5}
+
+
+def test_reference_profile_lists_the_converged_claim_runs():
+    from lance_lib.experiments.sweeps import profile_experiments
+
+    runs = profile_experiments("reference")["claim_runs"]
+    assert all(c.max_samples is None and c.model == "resnet18" for c in runs)
+    assert all(c.dataset == "cifar10" and c.weights == "reference" for c in runs)
+    seeds = {c.seed for c in runs if c.method == "bp"}
+    assert seeds == {0, 1, 2}
+    modes = {c.method_options.get("modes", "channel") for c in runs if c.method == "lance"}
+    assert modes == {"channel", "all"}
+    assert {c.eps for c in runs if c.method == "lance"} >= {0.7, 0.9, 0.95}
+    assert any(c.recalibrate for c in runs)
+    # the same schedule for every method (a deviation named in the profile)
+    assert len({(c.epochs, c.lr, c.momentum, c.lr_schedule) for c in runs}) == 1

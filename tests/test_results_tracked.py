@@ -10,21 +10,10 @@ import sys
 from pathlib import Path
 
 from lance_lib.paths import repo_root
+from tests.test_finetune import TINY as FINETUNE_TINY
 
 #: A tiny fine-tune (random weights, 2 classes at 16 px): seconds on one core.
-TINY = dict(
-    model="mcunet",
-    weights=None,
-    classes=[0, 1],
-    resolution=16,
-    layers=2,
-    epochs=1,
-    batch_size=16,
-    max_steps_per_epoch=2,
-    max_samples=64,
-    num_batches=2,
-    measure=False,
-)
+TINY = {**FINETUNE_TINY, "epochs": 1, "measure": False}
 
 #: Run in a fresh interpreter: fine-tune TINY through the grid's own code path (or, with
 #: ``forbid``, find its record without any run being allowed) and print the record's path.
