@@ -309,9 +309,10 @@ class FinetuneRecord:
         With ``energy_batches`` or ``recalibrate``
         (:mod:`lance_lib.experiments.finetune_diagnostics`): ``subspace_energy``
         ``{layer: [epochs + 1 fractions]}`` (after calibration, then after every
-        epoch, of the subspace that trained that epoch), ``energy_batches`` and
-        ``ranks_per_epoch`` (``[epochs]`` of ``{layer: mode ranks}`` in use during each
-        epoch); ``None`` otherwise.
+        epoch, of the subspace that trained that epoch; ``None`` with
+        ``energy_batches=0``), ``energy_batches``, ``recalibrated`` and
+        ``ranks_per_epoch`` (``{layer: mode ranks}`` in use during each epoch: one entry
+        per epoch when recalibrated, else the one calibration); ``None`` otherwise.
 
     Notes
     -----
