@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 
@@ -388,7 +389,7 @@ def test_run_continual_lance_and_finetune_records():
 
 
 def test_multitask_loss_is_each_samples_own_head():
-    # One epoch of joint training with lr ~ 0 in one batch of both tasks: its training
+    # One epoch of joint training with lr ~ 0, one batch of each task: its training
     # loss is the mean over samples of the cross-entropy under each sample's own head,
     # and the schedule's validation loss the sum of the tasks' own-head losses.
     tasks = [tiny_task(0, n=32), tiny_task(1, n=32, shift=0.5)]
@@ -402,6 +403,27 @@ def test_multitask_loss_is_each_samples_own_head():
     out = train_multitask(model, tasks, spec, layers=backbone_layers(model), progress=False)
     assert out["training"][0]["last_train_loss"] == pytest.approx(sum(own).item() / 2, rel=1e-5)
     assert out["training"][0]["best_val_loss"] == pytest.approx(sum(own).item(), rel=1e-5)
+
+
+def test_multitask_batches_hold_one_task_each_at_the_sequential_budget(monkeypatch):
+    # batch-statistics networks: a mixed batch would be normalised unlike any test batch;
+    # with max_steps, joint training gets max_steps steps per task, as each sequential task
+    import lance_lib.continual.training as training
+
+    seen = []
+    real = training.train_epoch
+
+    def spy(model, batches, optimizer, **kwargs):
+        steps = kwargs["max_steps"]
+        for _, labels in itertools.islice(batches, steps):
+            seen.append(sorted(set((torch.as_tensor(labels) // 2).tolist())))
+        return real(model, batches, optimizer, **kwargs)
+
+    monkeypatch.setattr(training, "train_epoch", spy)
+    tasks = [tiny_task(i, n=64, shift=0.3 * i) for i in range(3)]
+    spec = small_spec(epochs=1, batch_size=16, max_steps=2)
+    train_multitask(tiny_model(3), tasks, spec, layers=["backbone.0"], progress=False)
+    assert seen == [[0], [1], [2], [0], [1], [2]]
 
 
 def test_modes_all_trains_with_full_batches_and_evaluates_any_size():

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from lance_lib.calibration import resolve_layers
 from lance_lib.continual.metrics import average_accuracy, backward_transfer
@@ -407,6 +407,26 @@ class _TaskLabelled(Dataset):
         return x, self.offset + int(y)
 
 
+class _RoundRobin:
+    """Batches of several loaders in turn (one of each, then again), until all run out."""
+
+    def __init__(self, loaders: Sequence[DataLoader]) -> None:
+        self.loaders = list(loaders)
+
+    def __len__(self) -> int:
+        return sum(len(loader) for loader in self.loaders)
+
+    def __iter__(self) -> Iterator[Any]:
+        running = [iter(loader) for loader in self.loaders]
+        while running:
+            for it in list(running):
+                batch = next(it, None)
+                if batch is None:
+                    running.remove(it)
+                else:
+                    yield batch
+
+
 def train_multitask(
     model: MultiHead,
     tasks: Sequence[ContinualTask],
@@ -418,11 +438,14 @@ def train_multitask(
 ) -> dict[str, Any]:
     """Joint training on all tasks at once (the upper bound), one head per task.
 
-    Each mixed batch routes every sample through its task's head: the forward returns
-    every head's logits, ``(B, T * C)``, and the loss picks the ``C`` logits of the
-    sample's own task (labels are ``task * C + y``), which is the mean over the batch
-    of each sample's cross-entropy under its own head. The schedule follows the summed
-    validation loss of the tasks.
+    The tasks take turns, one batch each (:class:`_RoundRobin`): every batch holds one
+    task's samples, as in the sequential runs and at test time, because the networks
+    normalise with batch statistics (a batch mixing CIFAR-10 with MNIST would be
+    normalised unlike any test batch). The forward returns every head's logits,
+    ``(B, T * C)``, and the loss picks the ``C`` logits of the sample's own task
+    (labels are ``task * C + y``). An epoch is every task's epoch; with ``max_steps``
+    it is ``max_steps`` steps per task, the sequential runs' budget. The schedule
+    follows the summed validation loss of the tasks.
 
     Returns
     -------
@@ -433,8 +456,18 @@ def train_multitask(
         none is frozen); ``memory`` (none stored).
     """
     classes = model.classes_per_task
-    joint = ConcatDataset([_TaskLabelled(t.train, i, classes) for i, t in enumerate(tasks)])
-    loader = make_loader(joint, spec.batch_size, train=True, seed=seed, drop_last=False)
+    loader = _RoundRobin(
+        [
+            make_loader(
+                _TaskLabelled(t.train, i, classes),
+                spec.batch_size,
+                train=True,
+                seed=seed + i,
+                drop_last=False,
+            )
+            for i, t in enumerate(tasks)
+        ]
+    )
     vals = [
         make_loader(_mixed_order(t.val, seed + i), spec.batch_size, train=False)
         for i, t in enumerate(tasks)
@@ -443,6 +476,9 @@ def train_multitask(
         make_loader(_mixed_order(t.test, seed + i), spec.batch_size, train=False)
         for i, t in enumerate(tasks)
     ]
+    # the sequential runs' budget: with max_steps, that many steps per task and epoch
+    if spec.max_steps is not None:
+        spec = spec.replace(max_steps=spec.max_steps * len(tasks))
 
     def every_head(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
         features = m.features(x)

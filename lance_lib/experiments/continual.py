@@ -124,7 +124,8 @@ class ContinualConfig(ExperimentConfig):
     """
 
     kind: ClassVar[str] = "continual"
-    record_format: ClassVar[int] = 2
+    #: 3: multitask trains on single-task batches in turn, at the sequential budget
+    record_format: ClassVar[int] = 3
     #: The fields a complete record holds (what the cache and the grid require).
     record_fields: ClassVar[tuple[str, ...]] = RECORD_FIELDS
 

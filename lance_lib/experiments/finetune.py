@@ -35,6 +35,7 @@ from lance_lib.data import LabeledSubset, class_subset, get_dataset, make_loader
 from lance_lib.experiments.base import register_experiment
 from lance_lib.experiments.cache import cached_record
 from lance_lib.experiments.finetune_config import FinetuneConfig, FinetuneRecord
+from lance_lib.experiments.finetune_diagnostics import SubspaceDiagnostics
 from lance_lib.experiments.prefix_cache import step_speedup
 from lance_lib.experiments.setup import (
     Prepared,
@@ -174,36 +175,53 @@ def _cache_speedup(
             p.grad = None
 
 
+def _scheduler(
+    cfg: FinetuneConfig, optimizer: torch.optim.Optimizer, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """The per-step learning-rate schedule of ``cfg.lr_schedule`` (``None``: constant)."""
+    if cfg.lr_schedule == "constant":
+        return None
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+
+
 def _train(
     cfg: FinetuneConfig,
     handle: MethodHandle,
     loader: Iterable[Any],
     test_loader: Iterable[Any],
     fixed_batch: tuple[torch.Tensor, torch.Tensor],
+    diagnostics: SubspaceDiagnostics | None,
     progress: bool,
 ) -> dict[str, Any]:
-    """The epochs: angle probe on the fixed batch, one training pass, evaluation with BP."""
+    """The epochs: angle probe on the fixed batch, one training pass, evaluation with BP
+    (and, when asked, LANCE's subspace diagnostics)."""
     net = handle.model
     params = [p for p in net.parameters() if p.requires_grad]
     probe = [handle.root.get_submodule(n).weight for n in handle.layers]
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=0.0)
     steps = len(loader) if cfg.max_steps_per_epoch is None else cfg.max_steps_per_epoch
     steps = min(steps, len(loader))
+    scheduler = _scheduler(cfg, optimizer, cfg.epochs * steps)
     history: dict[str, list[float]] = {
         key: []
-        for key in ("accuracy", "train_loss", "train_accuracy", "angle_deg", "epoch_seconds")
+        for key in ("accuracy", "train_loss", "train_accuracy", "angle_deg", "epoch_seconds", "lr")
     }
     net.train()
     total = cfg.epochs * steps
     with progress_bar(total=total, desc=f"finetune {cfg.method}", progress=progress) as bar:
-        for _ in range(cfg.epochs):
+        for epoch in range(cfg.epochs):
+            history["lr"].append(optimizer.param_groups[0]["lr"])
             history["angle_deg"].append(angle_to_bp(handle, fixed_batch, probe))
-            stats = train_epoch(net, loader, optimizer, max_steps=steps, bar=bar)
+            stats = train_epoch(
+                net, loader, optimizer, max_steps=steps, bar=bar, scheduler=scheduler
+            )
             history["train_loss"].append(stats.loss)
             history["train_accuracy"].append(stats.accuracy)
             history["epoch_seconds"].append(stats.seconds)
             with handle.bypassed() as model:
                 history["accuracy"].append(evaluate(model, test_loader))
+            if diagnostics is not None:
+                diagnostics.after_epoch(handle, last=epoch == cfg.epochs - 1)
             bar.set_postfix(loss=f"{stats.loss:.3f}", acc=f"{history['accuracy'][-1]:.3f}")
     return {**history, "final_accuracy": history["accuracy"][-1], "steps_per_epoch": steps}
 
@@ -267,9 +285,23 @@ def _run(cfg: FinetuneConfig, root: str | os.PathLike | None, progress: bool) ->
             ).to_dict()
             if prefix_cache is not None:
                 prefix_cache.update(_cache_speedup(cfg, handle, prep, root, loader))
+        diagnostics = None
+        if cfg.energy_batches or cfg.recalibrate:
+            with torch.random.fork_rng(devices=[prep.device] if cuda else []):
+                energy_inputs = [
+                    _to(batch, prep.device)[0]
+                    for batch in itertools.islice(batches(cfg.seed + 3), cfg.energy_batches)
+                ]
+            diagnostics = SubspaceDiagnostics(
+                handle,
+                energy_inputs,
+                recalibrate_with=(lambda: _cycle(batches(cfg.seed + 1)))
+                if cfg.recalibrate
+                else None,
+            )
         if cuda:
             torch.cuda.reset_peak_memory_stats(prep.device)
-        history = _train(cfg, handle, loader, test_loader, fixed_batch, progress)
+        history = _train(cfg, handle, loader, test_loader, fixed_batch, diagnostics, progress)
         ranks = handle.ranks()
     finally:
         handle.restore()
@@ -284,6 +316,7 @@ def _run(cfg: FinetuneConfig, root: str | os.PathLike | None, progress: bool) ->
         measurements=measurements,
         prefix_cache=prefix_cache,
         cuda_max_memory_allocated=torch.cuda.max_memory_allocated(prep.device) if cuda else None,
+        diagnostics=None if diagnostics is None else diagnostics.to_dict(),
         **history,
     )
     # the starting weights' hash also for weights pretrained on the fly (cached_record

@@ -46,6 +46,18 @@ FINETUNE_MODELS: tuple[str, ...] = _finetune_models()
 _POSITIVE_INTS = ("epochs", "batch_size", "layers", "num_batches", "measure_repeats")
 _OPTIONAL_POSITIVE_INTS = ("resolution", "max_steps_per_epoch", "max_samples")
 
+#: Learning-rate schedules over the whole run (stepped after every optimizer step):
+#: ``constant`` (Appendix A.1) or ``cosine`` (annealed from ``lr`` to 0 at the last step).
+LR_SCHEDULES: tuple[str, ...] = ("constant", "cosine")
+
+#: Fields added after records existed: left out of :meth:`FinetuneConfig.settings` at
+#: their default, so that every results key made before them stays what it was.
+_KEYED_ONLY_WHEN_SET: dict[str, Any] = {
+    "lr_schedule": "constant",
+    "energy_batches": 0,
+    "recalibrate": False,
+}
+
 
 @dataclass(frozen=True)
 class FinetuneConfig(ExperimentConfig):
@@ -80,6 +92,19 @@ class FinetuneConfig(ExperimentConfig):
         ``eps`` is checked only for the methods that use it.
     epochs, lr, momentum, batch_size
         SGD settings (Table 4: 50, 0.05, no momentum stated so 0, 128).
+    lr_schedule
+        ``"constant"`` (Appendix A.1) or ``"cosine"`` (from ``lr`` down to 0 at the last
+        step, stepped per batch): a faster road to the plateau, the same for every
+        method, named as a deviation by the profiles that use it.
+    energy_batches
+        Diagnostic (LANCE): on this many fixed training batches, the share of each
+        compressed layer's *current* input energy that its subspace captures, right
+        after calibration and after every epoch (``diagnostics["subspace_energy"]`` of
+        the record); 0: not measured.
+    recalibrate
+        Diagnostic beyond the paper (LANCE): calibrate the subspaces again (Phase I on
+        the same calibration batches, the current weights) after every epoch but the
+        last, to separate a stale subspace from a too small rank.
     seed
         Fixes the new classifier, data order, flips, calibration batches, LoRAct's
         sampling and (``"pretrained-split-A"``) the pretraining; not the class split.
@@ -125,6 +150,7 @@ class FinetuneConfig(ExperimentConfig):
     epochs: int = 50
     lr: float = 0.05
     momentum: float = 0.0
+    lr_schedule: str = "constant"
     batch_size: int = 128
     seed: int = 0
     cache_prefix: bool = True
@@ -132,6 +158,8 @@ class FinetuneConfig(ExperimentConfig):
     max_samples: int | None = None
     measure: bool = True
     measure_repeats: int = 3
+    energy_batches: int = 0
+    recalibrate: bool = False
     device: str | None = None
 
     def __hash__(self) -> int:
@@ -159,10 +187,16 @@ class FinetuneConfig(ExperimentConfig):
         self._set(
             "momentum", check_real("momentum", self.momentum, low=0.0, high=1.0, high_open=True)
         )
-        if not isinstance(self.cache_prefix, bool) or not isinstance(self.measure, bool):
-            raise TypeError(
-                f"cache_prefix and measure must be True or False, got "
-                f"cache_prefix={self.cache_prefix!r}, measure={self.measure!r}"
+        check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        self._set("energy_batches", check_int("energy_batches", self.energy_batches, minimum=0))
+        for name in ("cache_prefix", "measure", "recalibrate"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        diagnostic = [n for n in ("energy_batches", "recalibrate") if getattr(self, n)]
+        if diagnostic and self.method != "lance":
+            raise ValueError(
+                f"{diagnostic} are diagnostics of LANCE's subspaces, got method="
+                f"{self.method!r}; leave them at 0 / False or use method='lance'"
             )
         self._set("classes", check_classes(self.classes, dataset_num_classes(self.dataset)))
         if not isinstance(self.method_options, Mapping):
@@ -194,9 +228,13 @@ class FinetuneConfig(ExperimentConfig):
 
     def settings(self) -> dict[str, Any]:
         """The results key's input: every field but ``device``, the resolution resolved,
-        and the method's own settings."""
+        and the method's own settings; fields added later only when they differ from
+        their default (so older keys are unchanged)."""
         out = super().settings()
         del out["device"]
+        for name, default in _KEYED_ONLY_WHEN_SET.items():
+            if out[name] == default:
+                del out[name]
         out["resolution"] = self.input_resolution
         out["method_settings"] = self.method_settings()
         return out
@@ -265,6 +303,21 @@ class FinetuneRecord:
     cuda_max_memory_allocated
         ``torch.cuda.max_memory_allocated`` over the training epochs (bytes) on CUDA,
         ``None`` on other devices.
+    lr
+        The learning rate of every epoch's first step (the schedule's values).
+    diagnostics
+        With ``energy_batches`` or ``recalibrate``
+        (:mod:`lance_lib.experiments.finetune_diagnostics`): ``subspace_energy``
+        ``{layer: [epochs + 1 fractions]}`` (after calibration, then after every
+        epoch, of the subspace that trained that epoch; ``None`` with
+        ``energy_batches=0``), ``energy_batches``, ``recalibrated`` and
+        ``ranks_per_epoch`` (``{layer: mode ranks}`` in use during each epoch: one entry
+        per epoch when recalibrated, else the one calibration); ``None`` otherwise.
+
+    Notes
+    -----
+    ``lr`` and ``diagnostics`` came later: records made before them lack them and are
+    still complete (:meth:`fields` lists the required fields only).
     """
 
     classes: list[int]
@@ -284,11 +337,14 @@ class FinetuneRecord:
     measurements: dict[str, Any] | None
     prefix_cache: dict[str, Any] | None
     cuda_max_memory_allocated: int | None
+    lr: list[float] | None = None
+    diagnostics: dict[str, Any] | None = None
 
     @classmethod
     def fields(cls) -> tuple[str, ...]:
-        """Every field name: what a complete stored record holds."""
-        return tuple(f.name for f in dataclasses.fields(cls))
+        """The required field names (those without a default): what every complete
+        stored record holds."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING)
 
     def to_dict(self) -> dict[str, Any]:
         """The record's fields as a dict (JSON-ready values)."""

@@ -23,6 +23,7 @@ from lance_lib.experiments.finetune_config import FinetuneConfig
 
 __all__ = [
     "SMALL_BATCHES",
+    "claim_runs",
     "fig3_ablation",
     "fig3_points",
     "finetune_config",
@@ -151,3 +152,64 @@ def fig3_points(params: Mapping[str, Any]) -> Iterator[tuple[dict[str, Any], Fin
 def fig3_ablation(params: Mapping[str, Any]) -> list[FinetuneConfig]:
     """Fig. 3: LANCE against eps and against the calibration batches N, with BP's runs."""
     return list(dict.fromkeys(cfg for _, cfg in fig3_points(params)))
+
+
+@register_sweep("claim_runs")
+def claim_runs(params: Mapping[str, Any]) -> list[FinetuneConfig]:
+    """The converged fine-tunes the claims rest on (issue 24), with LANCE's diagnostics.
+
+    One model on one dataset (``model``, ``dataset``; the reference profile: ResNet18 on
+    CIFAR-10 split B), every run on the section's ``finetune`` settings (the converged
+    protocol) and once per seed of ``seeds``:
+
+    * ``methods`` x ``layer_counts`` at the ``finetune`` eps and N, LANCE once per entry
+      of ``lance_modes`` (``"channel"``, the default reading, and ``"all"``, Eq. 1 as
+      written): claims b, c, j and the ResNet18 rows of Tables 1 and 2;
+    * LANCE (default modes, the largest layer count) at every ``eps_values`` (the gap
+      against eps, claim d's eps sweep at the profile's N) and at every ``n_values`` at
+      eps ``n_eps`` (claim d's N sweep);
+    * the diagnostic beyond the paper: LANCE recalibrated after every epoch
+      (``recalibrate``: ``eps``, ``seeds``, ``layer_counts``).
+
+    Every LANCE run records the captured input energy on ``energy_batches`` fixed
+    batches per epoch. A grid-only sweep while no notebook plots it: ``make grid``
+    computes it from the profile's ``claim_runs`` section.
+    """
+    model, dataset = params["model"], params["dataset"]
+    seeds = list(params["seeds"])
+    layer_counts = list(params["layer_counts"])
+    energy = {"energy_batches": params.get("energy_batches", 0)}
+
+    def run(method: str, seed: int, **changes: Any) -> FinetuneConfig:
+        extra = energy if method == "lance" else {}
+        return finetune_config(
+            {**params, "seed": seed},
+            model=model,
+            dataset=dataset,
+            method=method,
+            **extra,
+            **changes,
+        )
+
+    out = []
+    for seed in seeds:
+        for layers in layer_counts:
+            for method in params["methods"]:
+                if method != "lance":
+                    out.append(run(method, seed, layers=layers))
+                    continue
+                for modes in params.get("lance_modes") or ["channel"]:
+                    options = {} if modes == "channel" else {"modes": modes}
+                    out.append(run(method, seed, layers=layers, method_options=options))
+        for eps in params.get("eps_values") or []:
+            out.append(run("lance", seed, layers=max(layer_counts), eps=eps))
+        for n in params.get("n_values") or []:
+            out.append(
+                run("lance", seed, layers=max(layer_counts), eps=params["n_eps"], num_batches=n)
+            )
+    recal = params.get("recalibrate") or {}
+    for seed in recal.get("seeds", []):
+        for layers in recal.get("layer_counts", []):
+            for eps in recal.get("eps", []):
+                out.append(run("lance", seed, layers=layers, eps=eps, recalibrate=True))
+    return list(dict.fromkeys(out))

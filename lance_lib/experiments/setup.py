@@ -41,6 +41,7 @@ import numbers
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -317,7 +318,12 @@ def starting_model(
                 device=device,
             )
             sha = state_dict_sha256(net.state_dict())
-            return net, StartingWeights(weights, sha, net.pretrain_record)
+            # the checkpoint by file name: a record must not depend on this machine's paths
+            record = {
+                **net.pretrain_record,
+                "checkpoint": Path(net.pretrain_record["checkpoint"]).name,
+            }
+            return net, StartingWeights(weights, sha, record)
         net = build_model(model, 1000 if weights else 10, weights=weights)
     return net, StartingWeights(weights, state_dict_sha256(net.state_dict()))
 

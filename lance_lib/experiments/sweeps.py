@@ -53,15 +53,24 @@ def sweep(notebook: str, params: Mapping[str, Any]) -> list[ExperimentConfig]:
 
 
 def profile_experiments(profile: str) -> dict[str, list[ExperimentConfig]]:
-    """``{notebook: [configs]}`` for every notebook of ``profile`` that declares a sweep."""
-    from lance_lib.paths import profiles_dir, repo_root
-    from lance_lib.profiles import notebook_parameters
+    """``{notebook: [configs]}`` for every sweep of ``profile``.
 
+    A sweep whose notebook exists gets that notebook's parameters (what the notebook
+    will ask for); a *grid-only* sweep, with no notebook yet but a section of its name
+    in the profile, gets the profile's ``common`` values overridden by that section.
+    """
+    from lance_lib.paths import profiles_dir, repo_root
+    from lance_lib.profiles import load_profile, notebook_parameters
+
+    data = load_profile(profile, profiles_dir())
     out: dict[str, list[ExperimentConfig]] = {}
     for notebook, function in sorted(sweeps().items()):
         path = repo_root() / "notebooks" / f"{notebook}.ipynb"
-        if not path.exists():
+        if path.exists():
+            params, _ = notebook_parameters(path, profile, profiles_dir=profiles_dir())
+        elif notebook in data:
+            params = {**(data.get("common") or {}), **dict(data[notebook] or {})}
+        else:
             continue
-        params, _ = notebook_parameters(path, profile, profiles_dir=profiles_dir())
         out[notebook] = list(function(params))
     return out
