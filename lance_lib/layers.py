@@ -144,8 +144,12 @@ def fast_reconstruct(core: torch.Tensor, factors: Factors) -> torch.Tensor:
 
 
 def _placeholder(like: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """A tensor of ``shape`` whose values are never read (shape argument of the aten op)."""
-    return like.new_empty(()).expand(tuple(shape))
+    """An uninitialised tensor of ``shape`` whose values are never read.
+
+    The shape argument of ``aten.convolution_backward``; a dense one (not an expanded
+    scalar) keeps the op on its fast CPU kernels, it lives for the one call only.
+    """
+    return like.new_empty(tuple(shape))
 
 
 def conv2d_input_grad(
