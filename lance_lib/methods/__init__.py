@@ -29,7 +29,9 @@ from .harness import (
     angle_to_bp,
     apply_method,
     measure_method,
+    measure_methods,
     method_settings,
+    speed_floor,
 )
 from .hosvd_step import (
     HosvdSettings,
@@ -86,6 +88,8 @@ __all__ = [
     "checkpoint_region",
     "loract_rank",
     "measure_method",
+    "measure_methods",
+    "speed_floor",
     "method_color",
     "method_info",
     "method_label",
