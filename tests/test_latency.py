@@ -9,7 +9,7 @@ import pytest
 
 import lance_lib.experiments.latency as latency_module
 from lance_lib.experiments.base import run_experiment
-from lance_lib.experiments.latency import LatencyConfig, latency, latency_ratios
+from lance_lib.experiments.latency import LatencyConfig, latency, latency_floor, latency_ratios
 from lance_lib.experiments.sweeps import sweep
 from lance_lib.weights import ReferenceWeightsError
 from tests.fake_weights import write_reference
@@ -182,3 +182,7 @@ def test_methods_are_timed_interleaved_with_quartiles_and_floor(tiny_record):
         expected = bp["step_s_median"] - floor["bp_weight_grad_s"] + floor["lance_projection_s"]
         assert floor["floor_s"] == pytest.approx(expected)
         assert floor["floor_over_bp"] == pytest.approx(floor["floor_s"] / bp["step_s_median"])
+    summary = latency_floor(tiny_record)
+    values = [f["floor_over_bp"] for f in tiny_record["floors"]]
+    assert (summary["min"], summary["max"]) == (min(values), max(values))
+    assert latency_floor({"rows": []}) is None

@@ -45,6 +45,7 @@ __all__ = [
     "LatencyRecord",
     "fig5_latency",
     "latency",
+    "latency_floor",
     "latency_ratios",
 ]
 
@@ -283,6 +284,19 @@ def latency_ratios(
         method: {"min": min(v), "median": statistics.median(v), "max": max(v)}
         for method, v in per_method.items()
     }
+
+
+def latency_floor(record: Mapping[str, Any]) -> dict[str, float] | None:
+    """LANCE's speed floor over BP's step, summarised over layer counts (``None``: none).
+
+    ``{"min", "median", "max"}`` of the records' ``floors`` (``floor_over_bp``, see
+    :func:`lance_lib.methods.speed_floor`), next to which LANCE's own step over BP's
+    shows how much of the possible saving the implementation reaches.
+    """
+    values = [f["floor_over_bp"] for f in record.get("floors", [])]
+    if not values:
+        return None
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
 
 
 @register_sweep("fig5_latency")
