@@ -227,7 +227,8 @@ def conv2d_weight_from_core(
        ``sum_b conv(sum_k U_B[b,k] Z_k, delta_b) = sum_k conv(Z_k, delta'_k)``;
     3. the channel factor stays compressed when ``r_C < C / groups``: the weight
        gradient is taken with ``r_C`` input channels, ``dW_r`` of shape
-       ``(O, r_C, kh, kw)`` (``aten.convolution_backward``, weight mask only), and
+       ``(O, r_C, kh, kw)`` (``aten.convolution_backward``, weight mask only; one
+       batched matmul for a pointwise conv), and
        expanded at the end with one matmul, ``dW = dW_r x_2 U_C`` (per group).
        Otherwise ``Z`` is expanded along channels first, which is cheaper.
 
@@ -248,7 +249,15 @@ def conv2d_weight_from_core(
             z = mode_dot(z, u_c, 1, transpose=False)
         return _conv2d_weight(z, weight_shape, delta, stride, padding, dilation, groups)
     r_c = u_c.shape[1]
-    dw_r = _conv2d_weight(z, (out_ch, r_c, kh, kw), delta, stride, padding, dilation, 1)
+    if (kh, kw) == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0):
+        # pointwise: dW_r = sum_b delta_b Z_b^T, one batched matmul (faster than the
+        # convolution kernels on r_C input channels)
+        rows = delta.shape[0]
+        dw_r = torch.matmul(
+            delta.reshape(rows, out_ch, -1), z.reshape(rows, r_c, -1).transpose(1, 2)
+        ).sum(0)
+    else:
+        dw_r = _conv2d_weight(z, (out_ch, r_c, kh, kw), delta, stride, padding, dilation, 1)
     # dW[g, o, c] = sum_j U_C[g, c, j] dW_r[g, o, j]: one batched matmul over (g, o)
     dw_r = dw_r.reshape(groups, out_ch // groups, r_c, kh * kw)
     u_groups = u_c.reshape(groups, 1, cin_per_group, r_c)

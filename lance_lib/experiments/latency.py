@@ -194,9 +194,7 @@ def _sweep(
                 if "bp" in handles and "lance" in handles:
                     bp_step = measured["bp"].step_s_median
                     floor = speed_floor(handles["bp"], handles["lance"], batch, bp_step)
-                    floors.append(
-                        {"layers": n, **floor, "floor_over_bp": floor["floor_s"] / bp_step}
-                    )
+                    floors.append({"layers": n, **floor})
             finally:
                 for handle in handles.values():
                     handle.restore()

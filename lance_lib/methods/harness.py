@@ -539,53 +539,65 @@ def speed_floor(
     what LANCE changes is the weight gradient of each compressed layer (taken from the
     core instead of the input) and the projection it adds.  With ``bp`` and ``lance``
     applied to two copies of the same model, one BP step records each trained layer's
-    input and output gradient; then BP's weight gradient of every layer LANCE
-    compresses and LANCE's projection of its input are each run ``repeats`` times
-    under the profiler, and their median durations summed.
+    input and output gradient; then, under the profiler and interleaved ``repeats``
+    times, a whole BP step, BP's weight gradient of every layer LANCE compresses and
+    LANCE's projection of its input run, so that all three are timed at the same
+    machine load.
 
     Returns
     -------
     dict
-        ``bp_weight_grad_s`` and ``lance_projection_s`` (sums over the compressed
-        layers), ``floor_s = bp_step_s - bp_weight_grad_s + lance_projection_s``.
+        ``floor_over_bp = 1 - (weight gradients - projections) / BP step`` (medians in
+        the profiler window), and scaled to ``bp_step_s`` (BP's median step measured
+        beside the other methods): ``bp_weight_grad_s``, ``lance_projection_s`` and
+        ``floor_s = bp_step_s - bp_weight_grad_s + lance_projection_s``.
     """
     forward = forward or _default_forward
-    io = _layer_io(bp, _loss_of(bp, batch, forward))
-    work = []
+    bp_loss = _loss_of(bp, batch, forward)
+    io = _layer_io(bp, bp_loss)
+    wgrads, projections = [], []
     for name, (module, x, g) in io.items():
         replacement = lance.replacements.get(name)
         if replacement is None or not getattr(replacement, "compressed", True):
             continue
-        work.append(("floor::weight_grad", lambda m=module, x=x, g=g: _weight_grad(m, x, g)))
-        work.append(("floor::projection", lambda x=x, f=replacement.factors: fast_project(x, f)))
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    cuda = _device_of(bp.model).type == "cuda"
-    if cuda:
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
+        wgrads.append(lambda m=module, x=x, g=g: _weight_grad(m, x, g))
+        projections.append(lambda x=x, f=replacement.factors: fast_project(x, f))
+
+    def bp_step() -> None:
+        _zero_grads(bp.model)
+        bp_loss().backward()
+
+    def run_all(fns: list[Callable[[], object]]) -> None:
+        with torch.no_grad():
+            for fn in fns:
+                fn()
+
+    parts = {
+        "floor::bp_step": bp_step,
+        "floor::weight_grad": lambda: run_all(wgrads),
+        "floor::projection": lambda: run_all(projections),
+    }
     sync = synchronizer(_device_of(bp.model))
-    with torch.no_grad():
-        for _, run in work:  # warm-up
-            run()
-        sync()
-        with torch.profiler.profile(activities=activities) as prof:
-            for i, (label, run) in enumerate(work):
-                for _ in range(repeats):
-                    with torch.profiler.record_function(f"{label}#{i}"):
-                        run()
+    for run in parts.values():  # warm-up
+        run()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(repeats):
+            for label, run in parts.items():
+                with torch.profiler.record_function(label):
+                    run()
                     sync()
-    durations: dict[str, list[float]] = {}
+    _zero_grads(bp.model)
+    durations: dict[str, list[float]] = {label: [] for label in parts}
     for event in prof.events():
-        if event.name.startswith("floor::"):
-            us = event.device_time_total if cuda else event.cpu_time_total
-            durations.setdefault(event.name, []).append(us * 1e-6)
-    total = {"floor::weight_grad": 0.0, "floor::projection": 0.0}
-    for name, values in durations.items():
-        total[name.split("#")[0]] += statistics.median(values)
-    wgrad, proj = total["floor::weight_grad"], total["floor::projection"]
+        if event.name in durations:
+            durations[event.name].append(event.cpu_time_total * 1e-6)
+    step, wgrad, proj = (statistics.median(durations[label]) for label in parts)
+    scale = bp_step_s / step
     return {
-        "bp_weight_grad_s": wgrad,
-        "lance_projection_s": proj,
-        "floor_s": bp_step_s - wgrad + proj,
+        "bp_weight_grad_s": wgrad * scale,
+        "lance_projection_s": proj * scale,
+        "floor_s": bp_step_s - (wgrad - proj) * scale,
+        "floor_over_bp": 1 - (wgrad - proj) / step,
     }
 
 
