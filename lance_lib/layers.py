@@ -121,9 +121,9 @@ def mode_dot(x: torch.Tensor, u: torch.Tensor, mode: int, transpose: bool) -> to
     """
     if mode == x.ndim - 1:
         return x @ u if transpose else x @ u.T
-    lead = math.prod(x.shape[:mode])
+    lead, trail = math.prod(x.shape[:mode]), math.prod(x.shape[mode + 1 :])
     m = u.T if transpose else u
-    y = torch.matmul(m, x.reshape(lead, x.shape[mode], -1))
+    y = torch.matmul(m, x.reshape(lead, x.shape[mode], trail))
     return y.reshape(*x.shape[:mode], m.shape[0], *x.shape[mode + 1 :])
 
 
