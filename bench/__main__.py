@@ -33,7 +33,9 @@ def parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     out.add_argument("--only", nargs="+", choices=order, default=order, metavar="SECTION")
-    out.add_argument("--quick", action="store_true", help="2 repeats and a 4-layer Fig. 5 sweep")
+    out.add_argument(
+        "--quick", action="store_true", help="2 repeats, 1 warm-up and a 4-layer Fig. 5 sweep"
+    )
     add_arguments(out)
     return out
 
@@ -43,6 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.quick:
         args.repeats = min(args.repeats, 2)
+        args.warmup = min(args.warmup, 1)
         args.fig5_max_layers = min(args.fig5_max_layers, 4)
     report: dict[str, Any] = {
         "machine": environment(resolve_device(args.device)),

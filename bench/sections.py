@@ -101,7 +101,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", type=int, default=4, help="the last N convs are trained")
     parser.add_argument("--eps", type=float, default=0.7)
     parser.add_argument("--calib-batches", type=int, default=4, help="LANCE calibration batches N")
-    parser.add_argument("--repeats", type=int, default=5, help="timed steps per method")
+    parser.add_argument(
+        "--repeats", type=int, default=41, help="timed steps per method (interleaved)"
+    )
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps per method first")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--rank-ratio", type=float, default=0.25, help="LoRAct's r")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)

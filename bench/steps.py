@@ -25,13 +25,14 @@ from typing import Any
 from bench.sections import register_section, weights_option
 from lance_lib.experiments.latency import LatencyConfig, latency, latency_ratios
 
-__all__ = ["channel_ranks", "fig5", "methods"]
+__all__ = ["channel_ranks", "fig5", "lance_over_bp", "methods"]
 
 #: What ``methods`` keeps per method in its summary table.
 SUMMARY_KEYS = (
     "forward_s_median",
     "backward_s_median",
     "step_s_median",
+    "step_s_iqr",
     "measured_layer_bytes",
     "measured_region_bytes",
     "analytic_mb",
@@ -48,6 +49,7 @@ def _sweep(args: argparse.Namespace, **settings: Any) -> dict[str, Any]:
         eps=args.eps,
         num_batches=args.calib_batches,
         repeats=args.repeats,
+        warmup=args.warmup,
         methods=tuple(dict.fromkeys(["lance", *args.methods])),
         method_options={"rank_ratio": args.rank_ratio},
         seed=args.seed,
@@ -94,6 +96,9 @@ def methods(args: argparse.Namespace) -> dict[str, Any]:
         ratios["measured_over_analytic_mem_ratio"] = (
             ratios["bp_mem_over_lance"] / ratios["bp_mem_over_lance_analytic"]
         )
+    floor = record["floors"][0] if record["floors"] else None
+    if floor:
+        ratios["lance_floor_over_bp"] = floor["floor_over_bp"]
     channel = channel_ranks(lance)
     layer4 = [r for name, r in channel.items() if name.startswith("layer4")]
     others = [r["measured_layer_bytes"] for m, r in rows.items() if m != "lance"]
@@ -120,8 +125,33 @@ def methods(args: argparse.Namespace) -> dict[str, Any]:
         "lance_lowest_measured_layer_memory": bool(
             others and lance["measured_layer_bytes"] < min(others)
         ),
+        "floor": floor,
         "ratios": ratios,
     }
+
+
+def lance_over_bp(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per layer count: LANCE's and BP's median steps (with quartiles), their ratio and the
+    floor (:func:`lance_lib.methods.speed_floor`) over BP's step."""
+    steps = {(r["layers"], r["method"]): r for r in record["rows"]}
+    floors = {f["layers"]: f for f in record["floors"]}
+    out = []
+    for n in sorted({layers for layers, _ in steps}):
+        if (n, "bp") not in steps or (n, "lance") not in steps:
+            continue
+        bp, lance = steps[n, "bp"], steps[n, "lance"]
+        out.append(
+            {
+                "layers": n,
+                "bp_step_s_median": bp["step_s_median"],
+                "bp_step_s_iqr": bp["step_s_iqr"],
+                "lance_step_s_median": lance["step_s_median"],
+                "lance_step_s_iqr": lance["step_s_iqr"],
+                "lance_over_bp": lance["step_s_median"] / bp["step_s_median"],
+                "floor_over_bp": floors[n]["floor_over_bp"] if n in floors else None,
+            }
+        )
+    return out
 
 
 @register_section("fig5", "the Fig. 5 latency sweep over 1..L trained layers", order=2)
@@ -135,6 +165,7 @@ def fig5(args: argparse.Namespace) -> dict[str, Any]:
         layer_counts=tuple(range(1, args.fig5_max_layers + 1)),
     )
     over_lance = latency_ratios(record)
+    per_count = lance_over_bp(record)
     return {
         "setting": {**record["settings"], "record": record["path"]},
         "model": record["stand_in"] or record["model_label"],
@@ -149,6 +180,7 @@ def fig5(args: argparse.Namespace) -> dict[str, Any]:
                     "forward_s_median",
                     "backward_s_median",
                     "step_s_median",
+                    "step_s_iqr",
                     "measured_layer_bytes",
                     "analytic_mb",
                     "cuda_peak_bytes",
@@ -156,6 +188,20 @@ def fig5(args: argparse.Namespace) -> dict[str, Any]:
             }
             for row in record["rows"]
         ],
+        "floors": record["floors"],
+        "lance_over_bp": per_count,
         "total_over_lance": over_lance,
-        "ratios": {f"fig5_{m}_total_over_lance_median": r["median"] for m, r in over_lance.items()},
+        "ratios": {
+            **{f"fig5_{m}_total_over_lance_median": r["median"] for m, r in over_lance.items()},
+            **(
+                {
+                    "fig5_lance_over_bp_max": max(r["lance_over_bp"] for r in per_count),
+                    "fig5_floor_over_bp_max": max(
+                        r["floor_over_bp"] for r in per_count if r["floor_over_bp"] is not None
+                    ),
+                }
+                if per_count
+                else {}
+            ),
+        },
     }

@@ -43,6 +43,7 @@ are unaffected.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
@@ -51,7 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .calibration import check_compressible, resolve_layers
-from .hosvd import project, reconstruct
+from .core_storage import CoreCodec, core_codec
 from .models.surgery import set_submodule
 from .subspaces import LayerSubspace, Subspaces
 
@@ -64,10 +65,14 @@ __all__ = [
     "compressed",
     "conv2d_input_grad",
     "conv2d_weight_from_core",
+    "fast_project",
+    "fast_reconstruct",
     "lance_conv2d",
     "lance_linear",
     "linear_weight_from_core",
+    "mode_dot",
     "restore",
+    "unprofitable_reason",
 ]
 
 Factors = Sequence[torch.Tensor | None]
@@ -106,11 +111,45 @@ def check_input_shape(x: torch.Tensor, factors: Factors, layer: str = "layer") -
             )
 
 
-def _mode_product(x: torch.Tensor, u: torch.Tensor, mode: int, transpose: bool) -> torch.Tensor:
-    """``x x_mode u^T`` (``transpose``) or ``x x_mode u`` for a single mode."""
-    factors: list[torch.Tensor | None] = [None] * x.ndim
-    factors[mode] = u
-    return project(x, factors) if transpose else reconstruct(x, factors)
+def mode_dot(x: torch.Tensor, u: torch.Tensor, mode: int, transpose: bool) -> torch.Tensor:
+    """``x x_mode u^T`` (``transpose``, Eq. 1) or ``x x_mode u`` (Eq. 4) as one matmul.
+
+    The mode product is taken on a view of ``x`` - ``(lead, n_mode, trail)``, or
+    ``(..., n_mode)`` for the last mode - so no unfolding / folding copy is made (the
+    hot-path counterpart of :func:`lance_lib.hosvd.project`, which goes through
+    TensorLy's ``unfold`` / ``fold`` and stays the reference it is tested against).
+    """
+    if mode == x.ndim - 1:
+        return x @ u if transpose else x @ u.T
+    lead, trail = math.prod(x.shape[:mode]), math.prod(x.shape[mode + 1 :])
+    m = u.T if transpose else u
+    y = torch.matmul(m, x.reshape(lead, x.shape[mode], trail))
+    return y.reshape(*x.shape[:mode], m.shape[0], *x.shape[mode + 1 :])
+
+
+def fast_project(x: torch.Tensor, factors: Factors) -> torch.Tensor:
+    """Core ``G = X x_1 U_1^T ... x_d U_d^T`` of Eq. (1), one matmul per compressed mode."""
+    for mode, u in enumerate(factors):
+        if u is not None:
+            x = mode_dot(x, u, mode, transpose=True)
+    return x
+
+
+def fast_reconstruct(core: torch.Tensor, factors: Factors) -> torch.Tensor:
+    """``X_tilde = G x_1 U_1 ... x_d U_d`` (Eq. 4), one matmul per compressed mode."""
+    for mode, u in enumerate(factors):
+        if u is not None:
+            core = mode_dot(core, u, mode, transpose=False)
+    return core
+
+
+def _placeholder(like: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """An uninitialised tensor of ``shape`` whose values are never read.
+
+    The shape argument of ``aten.convolution_backward``; a dense one (not an expanded
+    scalar) keeps the op on its fast CPU kernels, it lives for the one call only.
+    """
+    return like.new_empty(tuple(shape))
 
 
 def conv2d_input_grad(
@@ -118,20 +157,53 @@ def conv2d_input_grad(
     weight: torch.Tensor,
     grad_output: torch.Tensor,
     stride: Sequence[int],
-    padding: Sequence[int] | str,
+    padding: Sequence[int],
     dilation: Sequence[int],
     groups: int,
 ) -> torch.Tensor:
-    """Exact Conv2d input gradient: it needs only the weights, never the stored input."""
-    return torch.nn.grad.conv2d_input(
-        x_shape,
-        weight,
+    """Exact Conv2d input gradient: it needs only the weights, never the stored input.
+
+    ``aten.convolution_backward`` with output mask ``(True, False, False)``; ``weight``
+    is cast to the output gradient's dtype (autocast keeps the parameter in float32).
+    """
+    return torch.ops.aten.convolution_backward(
         grad_output,
-        stride=stride,
-        padding=padding,
-        dilation=dilation,
-        groups=groups,
-    )
+        _placeholder(grad_output, x_shape),
+        weight.to(grad_output.dtype),
+        None,
+        list(stride),
+        list(padding),
+        list(dilation),
+        False,
+        [0, 0],
+        groups,
+        [True, False, False],
+    )[0]
+
+
+def _conv2d_weight(
+    x: torch.Tensor,
+    weight_shape: Sequence[int],
+    grad_output: torch.Tensor,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+) -> torch.Tensor:
+    """Conv2d weight gradient, ``aten.convolution_backward`` with mask (False, True, False)."""
+    return torch.ops.aten.convolution_backward(
+        grad_output,
+        x,
+        _placeholder(grad_output, weight_shape),
+        None,
+        list(stride),
+        list(padding),
+        list(dilation),
+        False,
+        [0, 0],
+        groups,
+        [False, True, False],
+    )[1]
 
 
 def conv2d_weight_from_core(
@@ -140,7 +212,7 @@ def conv2d_weight_from_core(
     grad_output: torch.Tensor,
     weight_shape: Sequence[int],
     stride: Sequence[int],
-    padding: Sequence[int] | str,
+    padding: Sequence[int],
     dilation: Sequence[int],
     groups: int,
 ) -> torch.Tensor:
@@ -155,34 +227,41 @@ def conv2d_weight_from_core(
        ``sum_b conv(sum_k U_B[b,k] Z_k, delta_b) = sum_k conv(Z_k, delta'_k)``;
     3. the channel factor stays compressed when ``r_C < C / groups``: the weight
        gradient is taken with ``r_C`` input channels, ``dW_r`` of shape
-       ``(O, r_C, kh, kw)``, and expanded at the end, ``dW = dW_r x_2 U_C`` (per group).
-       Otherwise (e.g. depthwise convs, where ``C / groups = 1``) ``Z`` is expanded
-       along channels first, which is cheaper.
+       ``(O, r_C, kh, kw)`` (``aten.convolution_backward``, weight mask only; one
+       batched matmul for a pointwise conv), and
+       expanded at the end with one matmul, ``dW = dW_r x_2 U_C`` (per group).
+       Otherwise ``Z`` is expanded along channels first, which is cheaper.
 
     All three steps are exact rewritings: the result equals
-    ``torch.nn.grad.conv2d_weight(reconstruct(core, factors), ...)``.
+    ``torch.nn.grad.conv2d_weight(reconstruct(core, factors), ...)``
+    (``tests/test_layers.py::test_fast_conv_gradients_match_tensorly_reference``).
+    Every tensor is taken in ``grad_output``'s dtype.
     """
-    u_b, u_c, u_h, u_w = factors
+    dtype = grad_output.dtype
+    u_b, u_c, u_h, u_w = (None if u is None else u.to(dtype) for u in factors)
     out_ch, cin_per_group, kh, kw = weight_shape
-    if any(r == 0 for r in core.shape):
+    if core.numel() == 0:
         return grad_output.new_zeros(weight_shape)
-    z = reconstruct(core, [None, None, u_h, u_w])
-    delta = grad_output if u_b is None else _mode_product(grad_output, u_b, 0, transpose=True)
-    keep_channels_compressed = u_c is not None and u_c.shape[1] < cin_per_group
-    if not keep_channels_compressed:
+    z = fast_reconstruct(core.to(dtype), [None, None, u_h, u_w])
+    delta = grad_output if u_b is None else mode_dot(grad_output, u_b, 0, transpose=True)
+    if u_c is None or u_c.shape[1] >= cin_per_group:
         if u_c is not None:
-            z = _mode_product(z, u_c, 1, transpose=False)
-        return torch.nn.grad.conv2d_weight(
-            z, weight_shape, delta, stride=stride, padding=padding, dilation=dilation, groups=groups
-        )
+            z = mode_dot(z, u_c, 1, transpose=False)
+        return _conv2d_weight(z, weight_shape, delta, stride, padding, dilation, groups)
     r_c = u_c.shape[1]
-    dw_r = torch.nn.grad.conv2d_weight(
-        z, (out_ch, r_c, kh, kw), delta, stride=stride, padding=padding, dilation=dilation, groups=1
-    )
-    # dW[o, c] = sum_j dW_r[o, j] U_C[c, j], with c restricted to o's group
-    dw_r = dw_r.reshape(groups, out_ch // groups, r_c, kh, kw)
-    u_groups = u_c.reshape(groups, cin_per_group, r_c)
-    return torch.einsum("gojyx,gcj->gocyx", dw_r, u_groups).reshape(weight_shape)
+    if (kh, kw) == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0):
+        # pointwise: dW_r = sum_b delta_b Z_b^T, one batched matmul (faster than the
+        # convolution kernels on r_C input channels)
+        rows = delta.shape[0]
+        dw_r = torch.matmul(
+            delta.reshape(rows, out_ch, -1), z.reshape(rows, r_c, -1).transpose(1, 2)
+        ).sum(0)
+    else:
+        dw_r = _conv2d_weight(z, (out_ch, r_c, kh, kw), delta, stride, padding, dilation, 1)
+    # dW[g, o, c] = sum_j U_C[g, c, j] dW_r[g, o, j]: one batched matmul over (g, o)
+    dw_r = dw_r.reshape(groups, out_ch // groups, r_c, kh * kw)
+    u_groups = u_c.reshape(groups, 1, cin_per_group, r_c)
+    return torch.matmul(u_groups, dw_r).reshape(weight_shape)
 
 
 def linear_weight_from_core(
@@ -195,70 +274,85 @@ def linear_weight_from_core(
     gradient, ``delta' = delta x_1 U_1^T ... x_{d-1} U_{d-1}^T``, the compressed leading
     modes are contracted with the core, ``dW_r = delta'^T G`` (``(O, r_d)``), and the
     feature factor is expanded at the end, ``dW = dW_r U_d^T``.  Exact rewriting of
-    ``delta^T X_tilde``.
+    ``delta^T X_tilde``, in ``grad_output``'s dtype.
     """
-    if any(r == 0 for r in core.shape):
+    dtype = grad_output.dtype
+    factors = [None if u is None else u.to(dtype) for u in factors]
+    if core.numel() == 0:
         return grad_output.new_zeros(grad_output.shape[-1], factors[-1].shape[0])
-    lead = list(factors[:-1]) + [None]
-    delta = project(grad_output, lead)
-    dw_r = delta.reshape(-1, delta.shape[-1]).T @ core.reshape(-1, core.shape[-1])
+    delta = fast_project(grad_output, list(factors[:-1]) + [None])
+    dw_r = delta.reshape(-1, delta.shape[-1]).T @ core.to(dtype).reshape(-1, core.shape[-1])
     u_f = factors[-1]
     return dw_r if u_f is None else dw_r @ u_f.T
 
 
+def _saved(ctx) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, list[torch.Tensor | None]]:
+    """``(packed core, weight, factors)`` saved by a LANCE Function's forward."""
+    saved = ctx.saved_tensors
+    n = ctx.n_packed
+    it = iter(saved[n + 1 :])
+    return saved[:n], saved[n], [next(it) if w else None for w in ctx.where]
+
+
 class _LanceConv2dFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, factors, stride, padding, dilation, groups):
+    def forward(ctx, x, weight, bias, factors, conf, codec):
+        stride, padding, dilation, groups = conf
         out = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-        core = project(x, factors)
+        packed = codec.encode(fast_project(x, factors), 1)
         present = [u for u in factors if u is not None]
-        ctx.save_for_backward(core, weight, *present)
+        ctx.save_for_backward(*packed, weight, *present)
+        ctx.n_packed = len(packed)
         ctx.where = [u is not None for u in factors]
-        ctx.conf = (tuple(x.shape), stride, padding, dilation, groups, bias is not None)
+        ctx.x_meta = (tuple(x.shape), x.dtype)
+        ctx.conf = conf
+        ctx.codec = codec
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        core, weight, *present = ctx.saved_tensors
-        it = iter(present)
-        factors = [next(it) if w else None for w in ctx.where]
-        x_shape, stride, padding, dilation, groups, has_bias = ctx.conf
+        packed, weight, factors = _saved(ctx)
+        stride, padding, dilation, groups = ctx.conf
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
+            x_shape, x_dtype = ctx.x_meta
             grad_x = conv2d_input_grad(x_shape, weight, grad_out, stride, padding, dilation, groups)
+            grad_x = grad_x.to(x_dtype)
         if ctx.needs_input_grad[1]:
+            core = ctx.codec.decode(packed, grad_out.dtype)
             grad_w = conv2d_weight_from_core(
                 core, factors, grad_out, weight.shape, stride, padding, dilation, groups
-            )
-        if has_bias and ctx.needs_input_grad[2]:
-            grad_b = grad_out.sum(dim=(0, 2, 3))
-        return grad_x, grad_w, grad_b, None, None, None, None, None
+            ).to(weight.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_b = grad_out.sum(dim=(0, 2, 3)).to(weight.dtype)
+        return grad_x, grad_w, grad_b, None, None, None
 
 
 class _LanceLinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, factors):
+    def forward(ctx, x, weight, bias, factors, codec):
         out = F.linear(x, weight, bias)
-        core = project(x, factors)
+        packed = codec.encode(fast_project(x, factors), -1)
         present = [u for u in factors if u is not None]
-        ctx.save_for_backward(core, weight, *present)
+        ctx.save_for_backward(*packed, weight, *present)
+        ctx.n_packed = len(packed)
         ctx.where = [u is not None for u in factors]
-        ctx.has_bias = bias is not None
+        ctx.x_dtype = x.dtype
+        ctx.codec = codec
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        core, weight, *present = ctx.saved_tensors
-        it = iter(present)
-        factors = [next(it) if w else None for w in ctx.where]
+        packed, weight, factors = _saved(ctx)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_out @ weight
+            grad_x = (grad_out @ weight.to(grad_out.dtype)).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
-            grad_w = linear_weight_from_core(core, factors, grad_out)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
-        return grad_x, grad_w, grad_b, None
+            core = ctx.codec.decode(packed, grad_out.dtype)
+            grad_w = linear_weight_from_core(core, factors, grad_out).to(weight.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(weight.dtype)
+        return grad_x, grad_w, grad_b, None, None
 
 
 def lance_conv2d(
@@ -267,42 +361,73 @@ def lance_conv2d(
     bias: torch.Tensor | None,
     factors: Factors,
     stride: Sequence[int] = (1, 1),
-    padding: Sequence[int] | str = (0, 0),
+    padding: Sequence[int] = (0, 0),
     dilation: Sequence[int] = (1, 1),
     groups: int = 1,
+    core_dtype: torch.dtype | str | None = None,
 ) -> torch.Tensor:
     """``F.conv2d`` whose autograd keeps only the core of ``x`` (Eq. 1, Eq. 4).
 
     ``factors`` holds ``(U_B, U_C, U_H, U_W)``, ``None`` for uncompressed modes.  Also
     the building block of the per-step baselines (HOSVD, ASI), which pass factors
-    computed at every step.
+    computed at every step.  ``core_dtype``: how the core is stored
+    (:mod:`lance_lib.core_storage`).
     """
     check_input_shape(x, factors, "conv2d")
-    return _LanceConv2dFunction.apply(
-        x, weight, bias, tuple(factors), stride, padding, dilation, groups
-    )
+    conf = (tuple(stride), tuple(padding), tuple(dilation), groups)
+    return _LanceConv2dFunction.apply(x, weight, bias, tuple(factors), conf, core_codec(core_dtype))
 
 
 def lance_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, factors: Factors
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    factors: Factors,
+    core_dtype: torch.dtype | str | None = None,
 ) -> torch.Tensor:
     """``F.linear`` whose autograd keeps only the core of ``x`` (Eq. 1, Eq. 4).
 
     ``x`` is ``(n_1, ..., n_{d-1}, F)``; ``factors`` has one entry per mode.
     """
     check_input_shape(x, factors, "linear")
-    return _LanceLinearFunction.apply(x, weight, bias, tuple(factors))
+    return _LanceLinearFunction.apply(x, weight, bias, tuple(factors), core_codec(core_dtype))
+
+
+def unprofitable_reason(module: nn.Module, subspace: LayerSubspace) -> str | None:
+    """Why keeping ``module``'s core would not save memory, or ``None`` when it does.
+
+    * a depthwise Conv2d (``groups == in_channels > 1``): its input is the output of
+      the activation before it, which autograd keeps anyway (an in-place ReLU6 in
+      MobileNetV2), and its weight gradient needs the input expanded to every
+      channel, so the core saves nothing and costs a reconstruction per step;
+    * a core with as many elements as the input (every calibrated rank full).
+    """
+    if isinstance(module, nn.Conv2d) and module.groups == module.in_channels > 1:
+        return "depthwise conv: its input is kept anyway by the activation before it"
+    if math.prod(subspace.ranks) >= math.prod(subspace.input_shape):
+        return f"core {tuple(subspace.ranks)} is as large as the input {subspace.input_shape}"
+    return None
 
 
 class _LanceMixin:
     """Shared plumbing of the LANCE modules: factor buffers and the original module."""
 
-    def _adopt(self, original: nn.Module, subspace: LayerSubspace, name: str) -> None:
+    def _adopt(
+        self,
+        original: nn.Module,
+        subspace: LayerSubspace,
+        name: str,
+        codec: CoreCodec,
+        uncompressed: str | None,
+    ) -> None:
         self.weight = original.weight
         self.bias = original.bias
         self.train(original.training)
         self.layer_name = name
         self.ranks = list(subspace.ranks)
+        self.codec = codec
+        self.uncompressed = uncompressed
+        self._checked_shape: torch.Size | None = None
         self._where = [u is not None for u in subspace.factors]
         for i, u in enumerate(subspace.factors):
             if u is not None:
@@ -312,15 +437,43 @@ class _LanceMixin:
         object.__setattr__(self, "_original", original)
 
     @property
+    def compressed(self) -> bool:
+        """Whether the layer keeps only the core (``False``: see :attr:`uncompressed`)."""
+        return self.uncompressed is None
+
+    @property
     def factors(self) -> list[torch.Tensor | None]:
         """The factors ``U_i`` in mode order, ``None`` for uncompressed modes."""
         return [getattr(self, f"factor_{i}") if w else None for i, w in enumerate(self._where)]
 
+    def _check_once(self, x: torch.Tensor) -> None:
+        """Check ``x`` against the factors when its shape is new (not on every call)."""
+        if x.shape != self._checked_shape:
+            check_input_shape(x, self.factors, self.layer_name or type(self).__name__)
+            self._checked_shape = x.shape
+
+    def extra_repr(self) -> str:
+        base = super().extra_repr()
+        if not self.compressed:
+            return f"{base}, uncompressed ({self.uncompressed})"
+        return f"{base}, ranks={self.ranks}, core_dtype={self.codec.label}"
+
 
 class LanceConv2d(_LanceMixin, nn.Conv2d):
-    """Conv2d that keeps only the core of its input for backward (LANCE Phase II)."""
+    """Conv2d that keeps only the core of its input for backward (LANCE Phase II).
 
-    def __init__(self, conv: nn.Conv2d, subspace: LayerSubspace, name: str = "") -> None:
+    With ``uncompressed`` (a reason, see :func:`unprofitable_reason`) it is the plain
+    Conv2d: its input is kept as BP keeps it.
+    """
+
+    def __init__(
+        self,
+        conv: nn.Conv2d,
+        subspace: LayerSubspace,
+        name: str = "",
+        core_dtype: torch.dtype | str | None = None,
+        uncompressed: str | None = None,
+    ) -> None:
         check_compressible(name, conv)
         check_subspace_fits(name, conv, subspace)
         padding = (0, 0) if conv.padding == "valid" else conv.padding
@@ -336,35 +489,42 @@ class LanceConv2d(_LanceMixin, nn.Conv2d):
             conv.bias is not None,
             device="meta",
         )
-        self._adopt(conv, subspace, name)
+        self._adopt(conv, subspace, name, core_codec(core_dtype), uncompressed)
+        self._conf = (tuple(self.stride), tuple(self.padding), tuple(self.dilation), self.groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input_shape(x, self.factors, self.layer_name or "LanceConv2d")
+        if not self.compressed:
+            return self._conv_forward(x, self.weight, self.bias)
+        self._check_once(x)
         return _LanceConv2dFunction.apply(
-            x,
-            self.weight,
-            self.bias,
-            tuple(self.factors),
-            self.stride,
-            self.padding,
-            self.dilation,
-            self.groups,
+            x, self.weight, self.bias, tuple(self.factors), self._conf, self.codec
         )
 
 
 class LanceLinear(_LanceMixin, nn.Linear):
     """Linear layer that keeps only the core of its input for backward (LANCE Phase II)."""
 
-    def __init__(self, linear: nn.Linear, subspace: LayerSubspace, name: str = "") -> None:
+    def __init__(
+        self,
+        linear: nn.Linear,
+        subspace: LayerSubspace,
+        name: str = "",
+        core_dtype: torch.dtype | str | None = None,
+        uncompressed: str | None = None,
+    ) -> None:
         check_subspace_fits(name, linear, subspace)
         nn.Linear.__init__(
             self, linear.in_features, linear.out_features, linear.bias is not None, device="meta"
         )
-        self._adopt(linear, subspace, name)
+        self._adopt(linear, subspace, name, core_codec(core_dtype), uncompressed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input_shape(x, self.factors, self.layer_name or "LanceLinear")
-        return _LanceLinearFunction.apply(x, self.weight, self.bias, tuple(self.factors))
+        if not self.compressed:
+            return F.linear(x, self.weight, self.bias)
+        self._check_once(x)
+        return _LanceLinearFunction.apply(
+            x, self.weight, self.bias, tuple(self.factors), self.codec
+        )
 
 
 def check_subspace_fits(name: str, module: nn.Module, subspace: LayerSubspace) -> None:
@@ -410,7 +570,14 @@ def check_subspace_fits(name: str, module: nn.Module, subspace: LayerSubspace) -
         )
 
 
-def compress(model: nn.Module, subspaces: Subspaces, lean: bool = False) -> nn.Module:
+def compress(
+    model: nn.Module,
+    subspaces: Subspaces,
+    lean: bool = False,
+    *,
+    core_dtype: torch.dtype | str | None = None,
+    keep_unprofitable: bool = False,
+) -> nn.Module:
     """Replace the calibrated Conv2d / Linear modules of ``model`` by LANCE versions.
 
     In place; returns ``model``.  Every layer named in ``subspaces`` must exist, be
@@ -425,6 +592,16 @@ def compress(model: nn.Module, subspaces: Subspaces, lean: bool = False) -> nn.M
     keeps only a per-channel scale, so the whole trainable region - not only the
     compressed layers' inputs - keeps little for backward.  Gradients are unchanged.
     ``lean=False`` undoes earlier lean swaps, if any.
+
+    ``core_dtype`` stores the cores in lower precision (``torch.bfloat16``,
+    ``torch.float16``, or ``torch.int8`` with a per-channel scale; see
+    :mod:`lance_lib.core_storage`); the factors stay in the parameters' dtype.
+
+    Layers whose core would not save memory (:func:`unprofitable_reason`: depthwise
+    convs, cores as large as the input) are swapped for LANCE modules that run
+    uncompressed (``module.compressed`` is ``False``, the repr says why, the memory
+    accounting counts their full input); ``keep_unprofitable=True`` compresses them
+    too (the behaviour before this option existed).
 
     Raises
     ------
@@ -442,6 +619,7 @@ def compress(model: nn.Module, subspaces: Subspaces, lean: bool = False) -> nn.M
             f"subspaces must be the result of calibrate() (a Subspaces mapping of layer "
             f"names to LayerSubspace), got {type(subspaces).__name__}"
         )
+    codec = core_codec(core_dtype)
     modules = resolve_layers(model, list(subspaces))
     replacements: dict[str, nn.Module] = {}
     for name, module in modules.items():
@@ -449,7 +627,8 @@ def compress(model: nn.Module, subspaces: Subspaces, lean: bool = False) -> nn.M
         original = getattr(module, "_original", module)
         check_subspace_fits(name, original, sub)
         cls = LanceConv2d if sub.kind == "conv2d" else LanceLinear
-        replacements[name] = cls(original, sub, name)
+        reason = None if keep_unprofitable else unprofitable_reason(original, sub)
+        replacements[name] = cls(original, sub, name, codec.dtype, reason)
     for name, module in replacements.items():
         set_submodule(model, name, module)
     if lean:

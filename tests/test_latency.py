@@ -9,7 +9,7 @@ import pytest
 
 import lance_lib.experiments.latency as latency_module
 from lance_lib.experiments.base import run_experiment
-from lance_lib.experiments.latency import LatencyConfig, latency, latency_ratios
+from lance_lib.experiments.latency import LatencyConfig, latency, latency_floor, latency_ratios
 from lance_lib.experiments.sweeps import sweep
 from lance_lib.weights import ReferenceWeightsError
 from tests.fake_weights import write_reference
@@ -96,7 +96,7 @@ def test_a_stored_record_is_reused_and_force_measures_again(tiny_record, monkeyp
     def no_measuring(*args, **kwargs):
         raise AssertionError("measured although a matching record exists")
 
-    monkeypatch.setattr(latency_module, "measure_method", no_measuring)
+    monkeypatch.setattr(latency_module, "measure_methods", no_measuring)
     folder = Path(tiny_record["path"]).parent
     again = run_experiment(LatencyConfig(**TINY), results_dir=folder)
     assert again["rows"] == tiny_record["rows"]
@@ -154,7 +154,7 @@ def test_reference_weights_are_verified_before_any_work(tmp_path, monkeypatch):
     assert record["weights"]["name"] == "reference"
     assert record["settings"]["resolution"] == 96  # the reference weights' resolution
     (tmp_path / "weights" / entry["file"]).write_bytes(b"altered")
-    monkeypatch.setattr(latency_module, "measure_method", None)  # would fail if reached
+    monkeypatch.setattr(latency_module, "measure_methods", None)  # would fail if reached
     with pytest.raises(ReferenceWeightsError, match="make weights"):
         latency(cfg, results_dir=tmp_path / "results")
 
@@ -166,3 +166,23 @@ def test_the_record_request_names_where_the_runner_stores_the_record(tmp_path, m
     assert path == tmp_path / "latency" / f"latency-mcunet-{cfg.key()}.json"
     assert settings == cfg.settings()
     assert {"rows", "model_label", "weights", "device"} <= set(required)
+
+
+def test_methods_are_timed_interleaved_with_quartiles_and_floor(tiny_record):
+    rows = tiny_record["rows"]
+    for row in rows:
+        q1, q3 = row["step_s_iqr"]
+        assert q1 <= row["step_s_median"] <= q3
+        assert len(row["step_s"]) == TINY["repeats"]
+    floors = {f["layers"]: f for f in tiny_record["floors"]}
+    assert set(floors) == set(TINY["layer_counts"])
+    for layers, floor in floors.items():
+        bp = next(r for r in rows if r["layers"] == layers and r["method"] == "bp")
+        assert floor["bp_weight_grad_s"] > 0 and floor["lance_projection_s"] > 0
+        expected = bp["step_s_median"] - floor["bp_weight_grad_s"] + floor["lance_projection_s"]
+        assert floor["floor_s"] == pytest.approx(expected)
+        assert floor["floor_over_bp"] == pytest.approx(floor["floor_s"] / bp["step_s_median"])
+    summary = latency_floor(tiny_record)
+    values = [f["floor_over_bp"] for f in tiny_record["floors"]]
+    assert (summary["min"], summary["max"]) == (min(values), max(values))
+    assert latency_floor({"rows": []}) is None

@@ -28,8 +28,15 @@ CONV_CASES = {
 RANKS = (3, 2, 5, 4)
 
 
+#: the mode selections of calibrate(): which of (B, C, H, W) get a factor
+MODE_SELECTIONS = {"channel": (1,), "no_batch": (1, 2, 3), "all": (0, 1, 2, 3)}
+
+
+@pytest.mark.parametrize("modes", list(MODE_SELECTIONS))
 @pytest.mark.parametrize("case", list(CONV_CASES))
-def test_theorem1_conv_weight_gradient_is_gradient_of_projected_input(case, gen):
+def test_theorem1_conv_weight_gradient_is_gradient_of_projected_input(case, modes, gen):
+    """The fast path (matmul projection, aten.convolution_backward, one matmul with U_C)
+    equals the TensorLy reference (project / reconstruct, torch.nn.grad) in float64."""
     p = CONV_CASES[case]
     b, h, w = 5, 9, 8
     x = torch.randn(b, p["c"], h, w, dtype=torch.float64, generator=gen, requires_grad=True)
@@ -43,7 +50,10 @@ def test_theorem1_conv_weight_gradient_is_gradient_of_projected_input(case, gen)
         requires_grad=True,
     )
     bias = torch.randn(p["o"], dtype=torch.float64, generator=gen, requires_grad=True)
-    factors = [random_orthonormal(n, r, gen) for n, r in zip((b, p["c"], h, w), RANKS, strict=True)]
+    factors = [
+        random_orthonormal(n, r, gen) if i in MODE_SELECTIONS[modes] else None
+        for i, (n, r) in enumerate(zip((b, p["c"], h, w), RANKS, strict=True))
+    ]
     if case == "grouped-compressed-channels":
         assert p["groups"] > 1 and RANKS[1] < p["c"] // p["groups"]
     conf = dict(
@@ -72,12 +82,17 @@ def test_theorem1_conv_weight_gradient_is_gradient_of_projected_input(case, gen)
     )
 
 
+@pytest.mark.parametrize("modes", ["channel", "no_batch", "all"])
 @pytest.mark.parametrize("shape", [(7, 10), (4, 6, 10)])
-def test_theorem1_linear_weight_gradient_2d_and_3d(shape, gen):
+def test_theorem1_linear_weight_gradient_2d_and_3d(shape, modes, gen):
     x = torch.randn(*shape, dtype=torch.float64, generator=gen, requires_grad=True)
     weight = torch.randn(5, 10, dtype=torch.float64, generator=gen, requires_grad=True)
     bias = torch.randn(5, dtype=torch.float64, generator=gen, requires_grad=True)
-    factors = [random_orthonormal(n, max(1, n - 3), gen) for n in shape]
+    first = {"channel": len(shape) - 1, "no_batch": 1, "all": 0}[modes]
+    factors = [
+        random_orthonormal(n, max(1, n - 3), gen) if i >= first else None
+        for i, n in enumerate(shape)
+    ]
     out = lance_linear(x, weight, bias, factors)
     delta = torch.randn(out.shape, dtype=torch.float64, generator=gen)
     out.backward(delta)
@@ -306,3 +321,131 @@ def test_published_convention_gives_papers_bp_memory_for_resnet18(n_convs, paper
     for h in hooks:
         h.remove()
     assert published_mb([128 * math.prod(shapes[n]) for n in names]) == paper_mb
+
+
+@pytest.mark.parametrize("shape", [(5, 6, 9, 8), (7, 10), (4, 6, 10)])
+def test_fast_projection_matches_tensorly(shape, gen):
+    from lance_lib.layers import fast_project, fast_reconstruct
+
+    x = torch.randn(*shape, dtype=torch.float64, generator=gen)
+    for keep in [(len(shape) - 1,), tuple(range(len(shape)))]:
+        factors = [
+            random_orthonormal(n, max(1, n - 2), gen) if i in keep else None
+            for i, n in enumerate(shape)
+        ]
+        core = fast_project(x, factors)
+        torch.testing.assert_close(core, project(x, factors), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(
+            fast_reconstruct(core, factors), reconstruct(core, factors), rtol=1e-12, atol=1e-12
+        )
+
+
+def _depthwise_model() -> nn.Sequential:
+    model = nn.Sequential()
+    model.pw = nn.Conv2d(4, 8, 1)
+    model.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+    return model
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_depthwise_layers_stay_uncompressed_unless_asked(keep):
+    model = _depthwise_model()
+    data = [torch.randn(4, 4, 6, 6) for _ in range(2)]
+    subs = calibrate(model, data, ["pw", "dw"], eps=0.5, num_batches=2)
+    compress(model, subs, keep_unprofitable=keep)
+    assert model.pw.compressed
+    assert model.dw.compressed is keep
+    assert ("uncompressed (depthwise" in repr(model.dw)) is not keep
+    x = data[0]
+    kept = measure_saved_tensors(model, lambda: model(x).sum()).by_module["dw"]
+    full = model.pw(x).numel() * 4
+    assert (kept == full) is not keep
+    assert (kept < full) is keep
+
+
+def test_lance_method_counts_uncompressed_layers_in_full():
+    from lance_lib.methods import apply_method
+
+    model = _depthwise_model()
+    data = [torch.randn(4, 4, 6, 6) for _ in range(2)]
+    for keep in (False, True):
+        handle = apply_method(
+            model,
+            "lance",
+            ["pw", "dw"],
+            calib_loader=data,
+            forward=lambda m, b: m(b),
+            keep_unprofitable=keep,
+            num_batches=2,
+        )
+        handle.track_shapes()
+        handle.model(data[0])
+        full, kept = handle.layer_elements()["dw"]
+        assert (kept == full) is not keep
+        handle.restore()
+
+
+@pytest.mark.parametrize("core_dtype", [torch.bfloat16, torch.float16, torch.int8])
+def test_low_precision_cores_shrink_measured_memory(core_dtype):
+    from lance_lib.accounting import gradient_angle
+
+    conv = nn.Sequential()
+    conv.conv = nn.Conv2d(16, 8, 3, padding=1)
+    g = torch.Generator().manual_seed(1)
+    data = [torch.randn(8, 16, 10, 10, generator=g) for _ in range(3)]
+    subs = calibrate(conv, data, ["conv"], eps=0.8, num_batches=3)
+    x = data[0]
+
+    def step() -> tuple[int, torch.Tensor]:
+        conv.zero_grad()
+        kept = measure_saved_tensors(conv, lambda: conv(x).square().sum()).by_module["conv"]
+        conv(x).square().sum().backward()
+        return kept, conv.conv.weight.grad.clone()
+
+    compress(conv, subs)
+    full_bytes, full_grad = step()
+    compress(conv, subs, core_dtype=core_dtype)
+    low_bytes, low_grad = step()
+    assert conv.conv.factor_1.dtype == torch.float32
+    expected = 4.0 if core_dtype == torch.int8 else 2.0
+    assert full_bytes / low_bytes >= 0.95 * expected
+    assert gradient_angle([full_grad], [low_grad]) < 1.0
+    with pytest.raises(ValueError, match="core_dtype='int4' is not supported"):
+        compress(conv, subs, core_dtype="int4")
+
+
+def test_int8_cores_on_the_reference_resnet18_cut_memory_3_5x_within_2_degrees(one_thread):
+    """The goal of issue 23 on the shipped reference ResNet18 (64 px, last 4 convs):
+    int8 cores measure >= 3.5x less than float32 cores (saved-tensor hooks; the factors,
+    fixed for the run, counted apart) at <= 2 degrees to the float32 LANCE gradient."""
+    from lance_lib.accounting import gradient_angle
+    from lance_lib.experiments.latency import LatencyConfig
+    from lance_lib.experiments.probe import tail_inputs
+    from lance_lib.experiments.setup import select_tail
+    from lance_lib.methods import apply_method
+
+    cfg = LatencyConfig(
+        model="resnet18", weights="reference", batch_size=32, layer_counts=(4,),
+        methods=("lance",), num_batches=2, device="cpu",
+    )  # fmt: skip
+    prep = cfg.prepare(4, root=None, progress=False)
+    _, prefix, tail, layers = select_tail(prep.model, 4)
+    (x, y), *calibration = tail_inputs(prefix, cfg.probe_batches(prep, root=None), prep.device)
+    kept, grads = {}, {}
+    for core_dtype in ("param", "int8"):
+        handle = apply_method(
+            tail, "lance", list(layers), calib_loader=calibration, num_batches=2,
+            core_dtype=core_dtype,
+        )  # fmt: skip
+
+        def loss(handle=handle) -> torch.Tensor:
+            return nn.functional.cross_entropy(handle.model(x), y)
+
+        report = measure_saved_tensors(handle.model, loss)
+        kept[core_dtype] = report.bytes_of(handle.module_names().values())
+        tail.zero_grad()
+        loss().backward()
+        grads[core_dtype] = [tail.get_submodule(n).weight.grad.clone() for n in layers]
+        handle.restore()
+    assert kept["param"] / kept["int8"] >= 3.5
+    assert gradient_angle(grads["param"], grads["int8"]) <= 2.0

@@ -90,7 +90,14 @@ def test_settings_are_validated_once_and_frozen():
         "eps": 0.5,
         "num_batches": 100,
         "modes": [1],
+        "keep_unprofitable": False,
+        "core_dtype": "param",
     }
+    assert LanceSettings(core_dtype="torch.int8").core_dtype == "int8"
+    with pytest.raises(ValueError, match="core_dtype='int4' is not supported"):
+        LanceSettings(core_dtype="int4")
+    with pytest.raises(TypeError, match="keep_unprofitable must be True or False"):
+        LanceSettings(keep_unprofitable="yes")
     with pytest.raises(dataclasses.FrozenInstanceError):
         settings.eps = 0.9
     with pytest.raises(ValueError, match="eps"):

@@ -7,19 +7,25 @@ each count ``N`` of :attr:`LatencyConfig.layer_counts`, the network prepared for
 fine-tuning its last ``N`` convolutions (:mod:`lance_lib.experiments.setup`) has every
 method of :attr:`LatencyConfig.methods` applied to its trainable tail in turn
 (:func:`lance_lib.methods.apply_method`) and measured on the same batch by the same
-code (:func:`lance_lib.methods.measure_method`: forward, backward and step time,
+code (:func:`lance_lib.methods.measure_methods`: forward, backward and step time,
 FLOPs, saved-tensor memory and, on CUDA, ``torch.cuda.max_memory_allocated``). The
 frozen prefix is the same for every method, computed once per ``N`` and not timed.
 
-One record holds the whole sweep: its steps are measured in one process, one method
-after the other, so that the ratios between methods compare like with like (times
-measured on different machines or at different loads would not). With one layer count
+One record holds the whole sweep: its steps are measured in one process, the methods
+interleaved step by step (each method on its own copy of the tail;
+:func:`lance_lib.methods.measure_methods`), so that the ratios between methods compare
+like with like (times measured on different machines or at different loads would not);
+medians and interquartile ranges over ``repeats`` steps after ``warmup`` steps.  With
+BP and LANCE both measured, each layer count also records LANCE's speed floor
+(:func:`lance_lib.methods.speed_floor`): BP's step minus the weight-gradient work LANCE
+replaces plus its projection. With one layer count
 the same experiment is the benchmark's method comparison at the paper's Table 2
 setting (ResNet18, 224 px, batch 128, last 4 convs).
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import statistics
 from collections.abc import Mapping
@@ -29,7 +35,7 @@ from typing import Any, ClassVar
 from lance_lib.experiments.base import register_experiment, register_sweep
 from lance_lib.experiments.probe import TailProbeConfig, TailRecord, run_cached, tail_inputs
 from lance_lib.experiments.setup import pretrain_settings, select_tail
-from lance_lib.methods import METHODS, apply_method, measure_method, method_settings
+from lance_lib.methods import METHODS, apply_method, measure_methods, method_settings, speed_floor
 from lance_lib.progress import progress_bar
 from lance_lib.validation import check_choice, check_int
 
@@ -38,6 +44,7 @@ __all__ = [
     "LatencyRecord",
     "fig5_latency",
     "latency",
+    "latency_floor",
     "latency_ratios",
 ]
 
@@ -57,11 +64,15 @@ class LatencyRecord(TailRecord):
         :class:`lance_lib.methods.MethodMeasurement` (``forward_s_median``,
         ``backward_s_median``, ``step_s_median``, ``measured_layer_bytes``,
         ``analytic_mb``, ``flops_measured``, ``cuda_peak_bytes``, ``ranks`` ...).
+    floors
+        One per layer count when BP and LANCE are both measured: ``layers`` and
+        :func:`lance_lib.methods.speed_floor`'s fields, with ``floor_over_bp``.
     timed
         What the times cover.
     """
 
     rows: list[dict[str, Any]]
+    floors: list[dict[str, Any]] = field(default_factory=list)
     timed: str = (
         "one training step (forward + backward, no optimizer step) of the trainable tail; "
         "the frozen prefix, the same for every method, is computed once and not timed"
@@ -81,8 +92,9 @@ class LatencyConfig(TailProbeConfig):
         Methods of :data:`lance_lib.methods.METHODS`, measured in this order for every
         ``N``.
     repeats, warmup
-        Timed and untimed steps per method and ``N`` (the paper averages five trials;
-        the record keeps every repeat and their median).
+        Timed and untimed steps per method and ``N``, the methods interleaved step by
+        step (the paper averages five trials; the record keeps every repeat, their
+        median and quartiles).
     method_options
         Further :func:`lance_lib.methods.apply_method` options shared by the methods
         (``rank_ratio`` of LoRAct, ``region`` of checkpointing, ``modes`` ...); ``eps``
@@ -91,13 +103,15 @@ class LatencyConfig(TailProbeConfig):
 
     record_type: ClassVar[type] = LatencyRecord
     kind: ClassVar[str] = "latency"
-    record_format: ClassVar[int] = 1
+    # 2: methods timed interleaved, 41 + 5 steps, quartiles and the speed floor;
+    #    LANCE leaves depthwise convs uncompressed (LanceSettings.keep_unprofitable)
+    record_format: ClassVar[int] = 2
 
     model: str = "mcunet"
     layer_counts: tuple[int, ...] = tuple(range(1, 11))
     methods: tuple[str, ...] = METHODS
-    repeats: int = 5
-    warmup: int = 1
+    repeats: int = 41
+    warmup: int = 5
     method_options: Mapping[str, Any] = field(default_factory=dict)
 
     def __hash__(self) -> int:
@@ -157,32 +171,44 @@ def _sweep(
     prep = cfg.prepare(max(cfg.layer_counts), root=root, progress=progress)
     images = cfg.probe_batches(prep, root=root)
     bag = cfg.method_options_for_all()
-    rows = []
-    steps = len(cfg.layer_counts) * len(cfg.methods)
-    with progress_bar(total=steps, desc=f"latency {cfg.model}", progress=progress) as bar:
+    rows, floors = [], []
+    with progress_bar(
+        total=len(cfg.layer_counts), desc=f"latency {cfg.model}", progress=progress
+    ) as bar:
         for n in cfg.layer_counts:
+            bar.set_postfix(layers=n)
             names, prefix, tail, tail_layers = select_tail(prep.model, n)
             batch, *calibration = tail_inputs(prefix, images, prep.device)
-            for method in cfg.methods:
-                bar.set_postfix(layers=n, method=method)
-                handle = apply_method(
-                    tail, method, list(tail_layers), calib_loader=calibration, **bag
-                )
-                try:
-                    measured = measure_method(handle, batch, repeats=cfg.repeats, warmup=cfg.warmup)
-                finally:
+            handles = {}
+            try:
+                for method in cfg.methods:
+                    handles[method] = apply_method(
+                        copy.deepcopy(tail),
+                        method,
+                        list(tail_layers),
+                        calib_loader=calibration,
+                        **bag,
+                    )
+                measured = measure_methods(handles, batch, repeats=cfg.repeats, warmup=cfg.warmup)
+                if "bp" in handles and "lance" in handles:
+                    bp_step = measured["bp"].step_s_median
+                    floor = speed_floor(handles["bp"], handles["lance"], batch, bp_step)
+                    floors.append({"layers": n, **floor})
+            finally:
+                for handle in handles.values():
                     handle.restore()
-                rows.append(
-                    {
-                        "layers": n,
-                        "method": method,
-                        "trained": list(names),
-                        "tail_input": list(batch[0].shape),
-                        **measured.to_dict(),
-                    }
-                )
-                bar.update()
-    record = LatencyRecord(rows=rows, **TailRecord.describe(cfg.model, prep))
+            rows.extend(
+                {
+                    "layers": n,
+                    "method": method,
+                    "trained": list(names),
+                    "tail_input": list(batch[0].shape),
+                    **measured[method].to_dict(),
+                }
+                for method in cfg.methods
+            )
+            bar.update()
+    record = LatencyRecord(rows=rows, floors=floors, **TailRecord.describe(cfg.model, prep))
     return {**asdict(record), "provenance": TailRecord.provenance(cfg.model, prep)}
 
 
@@ -255,6 +281,19 @@ def latency_ratios(
         method: {"min": min(v), "median": statistics.median(v), "max": max(v)}
         for method, v in per_method.items()
     }
+
+
+def latency_floor(record: Mapping[str, Any]) -> dict[str, float] | None:
+    """LANCE's speed floor over BP's step, summarised over layer counts (``None``: none).
+
+    ``{"min", "median", "max"}`` of the records' ``floors`` (``floor_over_bp``, see
+    :func:`lance_lib.methods.speed_floor`), next to which LANCE's own step over BP's
+    shows how much of the possible saving the implementation reaches.
+    """
+    values = [f["floor_over_bp"] for f in record.get("floors", [])]
+    if not values:
+        return None
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
 
 
 @register_sweep("fig5_latency")

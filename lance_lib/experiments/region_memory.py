@@ -105,7 +105,8 @@ class RegionMemoryConfig(TailProbeConfig):
 
     record_type: ClassVar[type] = RegionMemoryRecord
     kind: ClassVar[str] = "region_memory"
-    record_format: ClassVar[int] = 1
+    # 2: depthwise convs (the MCU stand-in's) stay uncompressed by default
+    record_format: ClassVar[int] = 2
 
     layers: int = 4
     modes: Any = "channel"

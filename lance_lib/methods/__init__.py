@@ -31,7 +31,9 @@ from .harness import (
     angle_to_bp,
     apply_method,
     measure_method,
+    measure_methods,
     method_settings,
+    speed_floor,
 )
 from .hosvd_step import (
     HosvdSettings,
@@ -103,6 +105,8 @@ __all__ = [
     "checkpoint_region",
     "loract_rank",
     "measure_method",
+    "measure_methods",
+    "speed_floor",
     "method_color",
     "method_info",
     "method_label",

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -40,6 +40,7 @@ from ..accounting import (
     synchronizer,
 )
 from ..calibration import resolve_layers
+from ..layers import fast_project
 from ..models.surgery import set_submodule
 from .registry import Applied, MethodSettings, settings_from_options
 
@@ -49,6 +50,9 @@ __all__ = [
     "angle_to_bp",
     "apply_method",
     "measure_method",
+    "measure_methods",
+    "quartiles",
+    "speed_floor",
     "method_settings",
 ]
 
@@ -276,6 +280,8 @@ class MethodMeasurement:
         Seconds of each timed repeat (``step_s`` = forward + backward).
     forward_s_median, backward_s_median, step_s_median
         Their medians.
+    step_s_iqr
+        The first and third quartiles of ``step_s`` (the interquartile range).
     flops_measured
         ``FlopCounterMode`` count of one forward and backward (matrix products and
         convolutions; decompositions are not counted); ``None`` for a method whose
@@ -323,6 +329,7 @@ class MethodMeasurement:
     forward_s_median: float
     backward_s_median: float
     step_s_median: float
+    step_s_iqr: list[float]
     flops_measured: int | None
     measured_layer_bytes: int
     measured_region_bytes: int
@@ -357,13 +364,13 @@ def _device_of(model: nn.Module) -> torch.device:
     return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
-def _time_steps(
-    model: nn.Module, loss: Callable[[], torch.Tensor], repeats: int, warmup: int
-) -> tuple[list[float], list[float]]:
+def _step_timer(
+    model: nn.Module, loss: Callable[[], torch.Tensor]
+) -> Callable[[], tuple[float, float]]:
+    """A function that runs one step of ``loss`` and returns (forward, backward) seconds."""
     sync = synchronizer(_device_of(model))
-    fwd_s: list[float] = []
-    bwd_s: list[float] = []
-    for i in range(warmup + repeats):
+
+    def run() -> tuple[float, float]:
         _zero_grads(model)
         sync()
         t0 = time.perf_counter()
@@ -372,11 +379,24 @@ def _time_steps(
         t1 = time.perf_counter()
         value.backward()
         sync()
-        t2 = time.perf_counter()
-        if i >= warmup:
-            fwd_s.append(t1 - t0)
-            bwd_s.append(t2 - t1)
-    return fwd_s, bwd_s
+        return t1 - t0, time.perf_counter() - t1
+
+    return run
+
+
+def _loss_of(handle: MethodHandle, batch: Batch, forward: Forward) -> Callable[[], torch.Tensor]:
+    def loss() -> torch.Tensor:
+        return nn.functional.cross_entropy(forward(handle.model, batch), batch[1])
+
+    return loss
+
+
+def quartiles(values: Sequence[float]) -> tuple[float, float]:
+    """First and third quartiles (``statistics.quantiles``, inclusive); one value: twice."""
+    if len(values) < 2:
+        return values[0], values[0]
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q3
 
 
 def measure_method(
@@ -412,13 +432,54 @@ def measure_method(
     LoRAct's sampler) as in training: by the timed steps, the saved-tensor step and one
     more step, which measures the recomputation of a method that recomputes by running
     a step (:attr:`~lance_lib.methods.registry.Applied.recomputation`) and otherwise
-    counts the FLOPs.
+    counts the FLOPs.  To compare methods, time them step by step in turn with
+    :func:`measure_methods`.
+    """
+    return measure_methods({"one": handle}, batch, repeats=repeats, warmup=warmup, forward=forward)[
+        "one"
+    ]
+
+
+def measure_methods(
+    handles: Mapping[str, MethodHandle],
+    batch: Batch,
+    *,
+    repeats: int = 41,
+    warmup: int = 5,
+    forward: Forward | None = None,
+) -> dict[str, MethodMeasurement]:
+    """:func:`measure_method` for several methods, their steps timed interleaved.
+
+    Each of the ``warmup + repeats`` rounds runs one step of every method in turn, so
+    that a change of machine load (other processes, frequency scaling) reaches every
+    method alike; medians and quartiles are taken over the ``repeats`` timed rounds.
+    The handles must not share modules (apply each method to its own copy of the
+    model).  FLOPs and memory are then measured per method as in
+    :func:`measure_method`.
     """
     forward = forward or _default_forward
-    model = handle.model
+    losses = {name: _loss_of(h, batch, forward) for name, h in handles.items()}
+    timers = {name: _step_timer(h.model, losses[name]) for name, h in handles.items()}
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in handles}
+    for i in range(warmup + repeats):
+        for name, timer in timers.items():
+            t = timer()
+            if i >= warmup:
+                times[name].append(t)
+    return {
+        name: _measurement(handle, losses[name], batch, times[name])
+        for name, handle in handles.items()
+    }
 
-    def loss() -> torch.Tensor:
-        return nn.functional.cross_entropy(forward(model, batch), batch[1])
+
+def _measurement(
+    handle: MethodHandle,
+    loss: Callable[[], torch.Tensor],
+    batch: Batch,
+    times: list[tuple[float, float]],
+) -> MethodMeasurement:
+    """FLOPs and memory of one step, with the step times already taken."""
+    model = handle.model
 
     def step() -> None:
         _zero_grads(model)
@@ -430,7 +491,8 @@ def measure_method(
         ran.append(True)
         step()
 
-    fwd_s, bwd_s = _time_steps(model, loss, repeats, warmup)
+    fwd_s = [f for f, _ in times]
+    bwd_s = [b for _, b in times]
     cuda = cuda_peak_bytes(_device_of(model), step)
     _zero_grads(model)
     names = list(handle.module_names().values())
@@ -458,6 +520,7 @@ def measure_method(
         forward_s_median=statistics.median(fwd_s),
         backward_s_median=statistics.median(bwd_s),
         step_s_median=statistics.median(steps),
+        step_s_iqr=list(quartiles(steps)),
         flops_measured=flops,
         measured_layer_bytes=layer_bytes,
         measured_region_bytes=peak,
@@ -473,6 +536,118 @@ def measure_method(
     )
     object.__setattr__(measurement, "_saved", report)  # frozen; not a recorded field
     return measurement
+
+
+def _layer_io(handle: MethodHandle, loss: Callable[[], torch.Tensor]) -> dict[str, tuple]:
+    """Per treated layer of ``handle``: (module, input, output gradient) of one step."""
+    seen: dict[str, list[torch.Tensor]] = {name: [] for name in handle.layers}
+
+    def keep(name: str, x: torch.Tensor, out: torch.Tensor) -> None:
+        seen[name].append(x.detach())
+        out.register_hook(lambda g: seen[name].append(g.detach()))
+
+    hooks = [
+        handle.root.get_submodule(name).register_forward_hook(
+            lambda m, i, o, n=name: keep(n, i[0], o)
+        )
+        for name in handle.layers
+    ]
+    try:
+        _zero_grads(handle.model)
+        loss().backward()
+        _zero_grads(handle.model)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {name: (handle.root.get_submodule(name), *seen[name][:2]) for name in handle.layers}
+
+
+def _weight_grad(module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """BP's weight gradient of a Conv2d / Linear from its input and output gradient."""
+    if isinstance(module, nn.Conv2d):
+        return torch.ops.aten.convolution_backward(
+            g, x, module.weight, None, list(module.stride), list(module.padding),
+            list(module.dilation), False, [0, 0], module.groups, [False, True, False],
+        )[1]  # fmt: skip
+    return g.reshape(-1, g.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+
+
+def speed_floor(
+    bp: MethodHandle,
+    lance: MethodHandle,
+    batch: Batch,
+    bp_step_s: float,
+    *,
+    repeats: int = 11,
+    forward: Forward | None = None,
+) -> dict[str, float]:
+    """LANCE's speed floor: BP's step minus the weight-gradient work LANCE replaces,
+    plus LANCE's projection (Eq. 1), timed with ``torch.profiler``.
+
+    Batch norm, the convolutions and the input gradients are common to both methods;
+    what LANCE changes is the weight gradient of each compressed layer (taken from the
+    core instead of the input) and the projection it adds.  With ``bp`` and ``lance``
+    applied to two copies of the same model, one BP step records each trained layer's
+    input and output gradient; then, under the profiler and interleaved ``repeats``
+    times, a whole BP step, BP's weight gradient of every layer LANCE compresses and
+    LANCE's projection of its input run, so that all three are timed at the same
+    machine load.
+
+    Returns
+    -------
+    dict
+        ``floor_over_bp = 1 - (weight gradients - projections) / BP step`` (medians in
+        the profiler window), and scaled to ``bp_step_s`` (BP's median step measured
+        beside the other methods): ``bp_weight_grad_s``, ``lance_projection_s`` and
+        ``floor_s = bp_step_s - bp_weight_grad_s + lance_projection_s``.
+    """
+    forward = forward or _default_forward
+    bp_loss = _loss_of(bp, batch, forward)
+    io = _layer_io(bp, bp_loss)
+    wgrads, projections = [], []
+    for name, (module, x, g) in io.items():
+        replacement = lance.replacements.get(name)
+        if replacement is None or not getattr(replacement, "compressed", True):
+            continue
+        wgrads.append(lambda m=module, x=x, g=g: _weight_grad(m, x, g))
+        projections.append(lambda x=x, f=replacement.factors: fast_project(x, f))
+
+    def bp_step() -> None:
+        _zero_grads(bp.model)
+        bp_loss().backward()
+
+    def run_all(fns: list[Callable[[], object]]) -> None:
+        with torch.no_grad():
+            for fn in fns:
+                fn()
+
+    parts = {
+        "floor::bp_step": bp_step,
+        "floor::weight_grad": lambda: run_all(wgrads),
+        "floor::projection": lambda: run_all(projections),
+    }
+    sync = synchronizer(_device_of(bp.model))
+    for run in parts.values():  # warm-up
+        run()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(repeats):
+            for label, run in parts.items():
+                with torch.profiler.record_function(label):
+                    run()
+                    sync()
+    _zero_grads(bp.model)
+    durations: dict[str, list[float]] = {label: [] for label in parts}
+    for event in prof.events():
+        if event.name in durations:
+            durations[event.name].append(event.cpu_time_total * 1e-6)
+    step, wgrad, proj = (statistics.median(durations[label]) for label in parts)
+    scale = bp_step_s / step
+    return {
+        "bp_weight_grad_s": wgrad * scale,
+        "lance_projection_s": proj * scale,
+        "floor_s": bp_step_s - (wgrad - proj) * scale,
+        "floor_over_bp": 1 - (wgrad - proj) / step,
+    }
 
 
 def angle_to_bp(

@@ -33,6 +33,7 @@ batch size.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +42,7 @@ import torch
 from torch import nn
 
 from ..calibration import calibrate
+from ..core_storage import core_codec
 from ..hosvd import check_eps
 from ..layers import compress
 from ..modes import canonical_modes, check_modes
@@ -83,16 +85,30 @@ class LanceSettings(MethodSettings):
         Compressed input modes: ``"channel"`` (default, see the module notes),
         ``"no_batch"``, ``"all"`` (Eq. 1 as written), indices, or a mapping from every
         treated layer to one of these.
+    keep_unprofitable
+        Also compress layers whose core would not save memory (depthwise convs; see
+        :func:`lance_lib.layers.unprofitable_reason`); by default they train
+        uncompressed and count their full input.
+    core_dtype
+        How the cores are stored (:mod:`lance_lib.core_storage`): ``"param"`` (the
+        parameters' dtype), ``"bfloat16"``, ``"float16"`` or ``"int8"``.
     """
 
     eps: float = 0.7
     num_batches: int = 100
     modes: Any = "channel"
+    keep_unprofitable: bool = False
+    core_dtype: str = "param"
 
     def validate(self) -> None:
         self._normalise("eps", check_eps(self.eps))
         self._normalise("num_batches", check_int("num_batches", self.num_batches, minimum=1))
         self._normalise("modes", canonical_modes(self.modes))
+        if not isinstance(self.keep_unprofitable, bool):
+            raise TypeError(
+                f"keep_unprofitable must be True or False, got {self.keep_unprofitable!r}"
+            )
+        self._normalise("core_dtype", core_codec(self.core_dtype).label)
 
     def apply(
         self,
@@ -119,7 +135,12 @@ class LanceSettings(MethodSettings):
             modes=self.modes,
             forward=forward,
         )
-        compress(model, subspaces)
+        compress(
+            model,
+            subspaces,
+            core_dtype=core_codec(self.core_dtype).dtype,
+            keep_unprofitable=self.keep_unprofitable,
+        )
         replacements = {name: model.get_submodule(name) for name in layers}
         return Applied(model, replacements, subspaces)
 
@@ -127,8 +148,11 @@ class LanceSettings(MethodSettings):
         """Core plus the compressed modes' factors, Appendix C, for this input's shape.
 
         Uncompressed modes keep their full size (the batch size of this step when the
-        batch mode is not compressed).
+        batch mode is not compressed); a layer left uncompressed
+        (:func:`lance_lib.layers.unprofitable_reason`) keeps its whole input.
         """
+        if not applied.replacements[name].compressed:
+            return math.prod(input_shape)
         sub = applied.subspaces[name]
         compressed = [u is not None for u in sub.factors]
         ranks = [r if c else n for r, n, c in zip(sub.ranks, input_shape, compressed, strict=True)]

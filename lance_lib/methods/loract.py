@@ -133,7 +133,8 @@ class _LoRActConv2dFunction(torch.autograd.Function):
             grad_x = conv2d_input_grad(x_shape, weight, grad_out, stride, padding, dilation, groups)
         if ctx.needs_input_grad[1]:
             b, c, h, w = x_shape
-            x_tilde = (left @ right).reshape(b, h, w, c).permute(0, 3, 1, 2)
+            dtype = grad_out.dtype  # under autocast the sketch halves may differ in dtype
+            x_tilde = (left.to(dtype) @ right.to(dtype)).reshape(b, h, w, c).permute(0, 3, 1, 2)
             grad_w = torch.nn.grad.conv2d_weight(
                 x_tilde,
                 weight.shape,
@@ -163,10 +164,11 @@ class _LoRActLinearFunction(torch.autograd.Function):
         grad_x = grad_w = grad_b = None
         g = grad_out.reshape(-1, grad_out.shape[-1])
         if ctx.needs_input_grad[0]:
-            grad_x = grad_out @ weight
+            grad_x = grad_out @ weight.to(g.dtype)
         if ctx.needs_input_grad[1]:
             # dW = g^T A ~= (g^T left) right, contracted in the rank-k space first
-            grad_w = (g.T @ left) @ right
+            # (in the output gradient's dtype: under autocast the sketch may be float32)
+            grad_w = (g.T @ left.to(g.dtype)) @ right.to(g.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g.sum(0)
         return grad_x, grad_w, grad_b, None, None
