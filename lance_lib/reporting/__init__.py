@@ -11,10 +11,12 @@ them here.
 * :mod:`~lance_lib.reporting.provenance`: :class:`Provenance`, the caption and sidecar;
 * :mod:`~lance_lib.reporting.paper_numbers`: the paper's published tables;
 * :mod:`~lance_lib.reporting.comparison`: :func:`paper_vs_ours`;
-* :mod:`~lance_lib.reporting.accuracy_matrix`: :func:`plot_accuracy_matrix`.
+* :mod:`~lance_lib.reporting.accuracy_matrix`: :func:`plot_accuracy_matrix`;
+* :mod:`~lance_lib.reporting.banner`: :func:`show_banner`, the smoke profile's banner.
 """
 
 from .accuracy_matrix import plot_accuracy_matrix
+from .banner import banner_text, show_banner
 from .comparison import paper_vs_ours
 from .figures import SavedFiles, save_figure, show_png
 from .paper_numbers import PAPER_DATASET, PAPER_MODEL, paper_table, paper_tables, paper_value
@@ -42,6 +44,7 @@ __all__ = [
     "PAPER_MODEL",
     "Provenance",
     "SavedFiles",
+    "banner_text",
     "figure_size",
     "method_color",
     "method_label",
@@ -53,6 +56,7 @@ __all__ = [
     "record_sources",
     "save_figure",
     "save_table",
+    "show_banner",
     "show_png",
     "table_to_latex",
     "table_to_markdown",

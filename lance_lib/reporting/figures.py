@@ -18,6 +18,7 @@ import matplotlib.figure
 import matplotlib.pyplot as plt
 
 from lance_lib.io import atomic_write
+from lance_lib.paths import display_path
 from lance_lib.progress import in_notebook
 
 from .provenance import Provenance
@@ -27,12 +28,17 @@ __all__ = ["SavedFiles", "save_figure", "show_png"]
 
 
 class SavedFiles(list):
-    """The paths a save wrote; shown as one short line instead of a list of ``PosixPath``."""
+    """The paths a save wrote; shown as one short line instead of a list of ``PosixPath``.
+
+    The folder is shown relative to the repository root when it lies inside it
+    (``saved to figures/smoke: ...``), so a notebook's output names the same place on
+    every machine.
+    """
 
     def __repr__(self) -> str:
         if not self:
             return "saved nothing"
-        folder = Path(self[0]).parent
+        folder = display_path(Path(self[0]).parent)
         return f"saved to {folder}: " + ", ".join(Path(p).name for p in self)
 
 
