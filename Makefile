@@ -38,11 +38,23 @@ TEST_WORKERS ?= auto
 test: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -n $(TEST_WORKERS)
 
+# DOWNLOAD=1: before any notebook, torchvision downloads the profile's missing datasets
+# it can into the data root ($$LANCE_DATA, default data/); the others (miniImageNet,
+# notMNIST, CUB-200, ...) are named with their files and sources, and make stops.
+# `make data-plan` prints what it would do, downloading nothing.
+DATA_STEP := $(if $(DOWNLOAD),data,)
+.PHONY: data data-plan
+data: $(STAMP)
+	$(PY) -m lance_lib.experiments.data_plan --profile $(PROFILE) --download
+
+data-plan: $(STAMP)
+	$(PY) -m lance_lib.experiments.data_plan --profile $(PROFILE)
+
 # One executed notebook per source notebook; re-runs only when the notebook, the
 # profile or the library changed (or FORCE=1).  Safe under make -j.
 # The runner skips a notebook whose fingerprint (cells, parameters, inputs, library) is
 # unchanged, and writes build/$(PROFILE)/<name>.d listing the extra inputs it declares.
-build/$(PROFILE)/%.ipynb: notebooks/%.ipynb profiles/$(PROFILE).yaml $(LIBRARY) $(STAMP) $(FORCE_RERUN)
+build/$(PROFILE)/%.ipynb: notebooks/%.ipynb profiles/$(PROFILE).yaml $(LIBRARY) $(STAMP) $(FORCE_RERUN) | $(DATA_STEP)
 	$(PY) -m lance_lib.notebook_runner $< $@ --profile $(PROFILE) $(FORCE_FLAG)
 
 -include $(wildcard build/$(PROFILE)/*.d)

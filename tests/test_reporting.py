@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 
 from lance_lib.reporting import (
     Provenance,
+    SavedFiles,
     paper_table,
     paper_tables,
     paper_value,
@@ -225,3 +227,25 @@ def test_footer_stays_below_an_outside_legend(tmp_path):
     fig.canvas.mpl_connect("draw_event", measure)
     save_figure(fig, tmp_path / "f", provenance=PROV)
     assert seen and all(top <= bottom for top, bottom in seen), seen
+
+
+def test_smoke_banner_links_the_reference_copy_and_says_what_smoke_runs():
+    from lance_lib.reporting import banner_text
+
+    assert banner_text("reference", "fig2_angle") is None and banner_text("cpu", "x") is None
+    text = banner_text("smoke", "fig2_angle.ipynb")
+    assert "(../figures/reference/notebooks/fig2_angle.ipynb)" in text  # from notebooks/
+    assert "reference ResNet18" in text and "committed" in text
+    assert "once it is built" not in text and "small models" not in text
+    notebooks = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
+    for path in notebooks:  # every notebook shows it, through the one helper
+        assert f'show_banner(profile, \\"{path.stem}\\")' in path.read_text(), path.name
+
+
+def test_saved_files_name_their_folder_from_the_repository_root(tmp_path):
+    from lance_lib.paths import repo_root
+
+    inside = SavedFiles([repo_root() / "figures" / "smoke" / "a.png"])
+    assert repr(inside) == "saved to figures/smoke: a.png"
+    outside = SavedFiles([tmp_path / "b.png"])
+    assert repr(outside) == f"saved to {tmp_path}: b.png"
