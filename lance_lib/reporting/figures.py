@@ -12,6 +12,7 @@ backend the kernel runs.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import matplotlib.figure
@@ -21,6 +22,7 @@ from lance_lib.io import atomic_write
 from lance_lib.paths import display_path
 from lance_lib.progress import in_notebook
 
+from .layout import LayoutWarning, layout_problems
 from .provenance import Provenance
 from .style import MAX_WIDTH
 
@@ -116,6 +118,12 @@ def save_figure(
     ------
     ValueError
         ``stem`` carries a ``.png`` or ``.pdf`` suffix.
+
+    Warns
+    -----
+    LayoutWarning
+        Text boxes of the figure overlap, or a legend covers data
+        (:func:`lance_lib.reporting.layout.layout_problems`); the files are written anyway.
     """
     stem = Path(stem)
     if stem.suffix in (".png", ".pdf"):
@@ -125,6 +133,14 @@ def save_figure(
         fig.set_size_inches(MAX_WIDTH, height * MAX_WIDTH / width)
     if provenance is not None:
         _add_footer(fig, provenance.caption())
+    problems = layout_problems(fig)
+    if problems:
+        warnings.warn(
+            f"{stem.name}: " + "; ".join(problems) + " (move or shrink the text, or the "
+            "legend outside the data)",
+            LayoutWarning,
+            stacklevel=2,
+        )
     written = SavedFiles()
     for fmt in ("png", "pdf"):
         path = stem.with_name(f"{stem.name}.{fmt}")
