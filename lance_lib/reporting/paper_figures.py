@@ -50,7 +50,7 @@ MODE_STYLES: dict[str | None, tuple[str, str, str]] = {
 
 def _model(model: str, width: int = 26) -> str:
     """The model's display name, wrapped to fit a panel title."""
-    return textwrap.fill(MODEL_INFO[model].label, width)
+    return textwrap.fill(MODEL_INFO[model].label, width, break_on_hyphens=False)
 
 
 def _grid(n: int, max_cols: int = 3) -> tuple[int, int]:
@@ -254,17 +254,19 @@ def plot_eps_fidelity(rows: pd.DataFrame) -> matplotlib.figure.Figure:
 def plot_accuracy_matrices(
     matrices: Sequence[tuple[str, Sequence[Sequence[float]]]],
 ) -> matplotlib.figure.Figure:
-    """Table 3's accuracy matrices side by side (at most 4 a row), one colour bar.
+    """Table 3's accuracy matrices side by side (at most 5 a row), one colour bar.
 
     ``matrices``: ``(title, A)`` pairs, ``A[j, i]`` in percent.
     """
-    nrows, ncols = _grid(len(matrices), max_cols=4)
+    nrows, ncols = _grid(len(matrices), max_cols=5)
     side = min(2.6, (MAX_WIDTH - 1.0) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(side * ncols + 1.0, (side + 0.9) * nrows),
                              squeeze=False)  # fmt: skip
-    chars = int(side * 8)  # a title line's characters that fit above one matrix
+    chars = int(side * 10)  # a title line's characters that fit above one matrix
     for ax, (title, matrix) in zip(axes.flat, matrices, strict=False):
-        title = "\n".join(textwrap.fill(line, chars) for line in title.split("\n"))
+        title = "\n".join(
+            textwrap.fill(line, chars, break_long_words=False) for line in title.split("\n")
+        )
         plot_accuracy_matrix(matrix, ax=ax, title=title, percent=True, colorbar=False)
     for ax in axes.flat[len(matrices) :]:
         ax.set_visible(False)
