@@ -32,8 +32,8 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 # Every core (pytest-xdist, TEST_WORKERS=auto: one worker per core, one torch thread
-# each); the notebook tests form one group (--dist loadgroup in pyproject.toml) that
-# runs on one worker while the others take the rest. TEST_WORKERS=0: one process.
+# each); each test file runs on one worker (--dist loadfile in pyproject.toml), so the
+# notebooks are executed once while the others take the rest. TEST_WORKERS=0: one process.
 TEST_WORKERS ?= auto
 test: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -n $(TEST_WORKERS)

@@ -26,9 +26,9 @@ from lance_lib.notebook_runner import (
 )
 from tests.notebook_files import tiny_notebook
 
-#: One xdist group (``--dist loadgroup``): the module-scoped run of every notebook happens
-#: once, on one worker, while the other workers take the rest of the suite.
-pytestmark = [pytest.mark.notebooks, pytest.mark.xdist_group("notebooks")]
+#: Under ``pytest -n N`` this file runs on one worker (``--dist loadfile``): the
+#: module-scoped run of every notebook happens once while the others take the rest.
+pytestmark = pytest.mark.notebooks
 
 ROOT = Path(__file__).resolve().parents[1]
 #: In make's order: the claims scorecard reads the other notebooks' records, so it runs last.
