@@ -12,6 +12,7 @@ backend the kernel runs.
 from __future__ import annotations
 
 import os
+import textwrap
 import warnings
 from pathlib import Path
 
@@ -70,6 +71,9 @@ def _add_footer(fig: matplotlib.figure.Figure, text: str) -> None:
         legend.set_bbox_to_anchor(where, transform=fig.transFigure)
         legend.set_loc("center")
     box = fig.get_tightbbox(renderer)  # inches
+    # wrapped to the drawing's width (7 pt: about 17 characters an inch), so a long
+    # caption does not widen the saved figure beyond what it draws
+    text = textwrap.fill(text, max(40, int(box.width * 17)), break_long_words=False)
     fig.text(
         box.x0 / fig.get_figwidth(),
         box.y0 / fig.get_figheight() - 0.01,
