@@ -31,14 +31,30 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# Every core (pytest-xdist, TEST_WORKERS=auto: one worker per core, one torch thread
+# each); each test file runs on one worker (--dist loadfile in pyproject.toml), so the
+# notebooks are executed once while the others take the rest. TEST_WORKERS=0: one process.
+TEST_WORKERS ?= auto
 test: $(STAMP)
-	$(PY) -m pytest
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n $(TEST_WORKERS)
+
+# DOWNLOAD=1: before any notebook, torchvision downloads the profile's missing datasets
+# it can into the data root ($$LANCE_DATA, default data/); the others (miniImageNet,
+# notMNIST, CUB-200, ...) are named with their files and sources, and make stops.
+# `make data-plan` prints what it would do, downloading nothing.
+DATA_STEP := $(if $(DOWNLOAD),data,)
+.PHONY: data data-plan
+data: $(STAMP)
+	$(PY) -m lance_lib.experiments.data_plan --profile $(PROFILE) --download
+
+data-plan: $(STAMP)
+	$(PY) -m lance_lib.experiments.data_plan --profile $(PROFILE)
 
 # One executed notebook per source notebook; re-runs only when the notebook, the
 # profile or the library changed (or FORCE=1).  Safe under make -j.
 # The runner skips a notebook whose fingerprint (cells, parameters, inputs, library) is
 # unchanged, and writes build/$(PROFILE)/<name>.d listing the extra inputs it declares.
-build/$(PROFILE)/%.ipynb: notebooks/%.ipynb profiles/$(PROFILE).yaml $(LIBRARY) $(STAMP) $(FORCE_RERUN)
+build/$(PROFILE)/%.ipynb: notebooks/%.ipynb profiles/$(PROFILE).yaml $(LIBRARY) $(STAMP) $(FORCE_RERUN) | $(DATA_STEP)
 	$(PY) -m lance_lib.notebook_runner $< $@ --profile $(PROFILE) $(FORCE_FLAG)
 
 -include $(wildcard build/$(PROFILE)/*.d)
@@ -46,7 +62,14 @@ build/$(PROFILE)/%.ipynb: notebooks/%.ipynb profiles/$(PROFILE).yaml $(LIBRARY) 
 # The claims scorecard reads the other notebooks' records: it runs after all of them.
 build/$(PROFILE)/99_claims_scorecard.ipynb: $(filter-out build/$(PROFILE)/99_claims_scorecard.ipynb,$(EXECUTED))
 
-figures: $(STAMP) $(EXECUTED)
+# The reference profile's executed notebooks are published beside its figures
+# (figures/reference/notebooks/), so a reader sees every figure and table without a kernel.
+PUBLISHED := $(if $(filter reference,$(PROFILE)),$(patsubst build/reference/%,figures/reference/notebooks/%,$(EXECUTED)),)
+figures/reference/notebooks/%.ipynb: build/reference/%.ipynb
+	@mkdir -p $(@D)
+	cp $< $@
+
+figures: $(STAMP) $(EXECUTED) $(PUBLISHED)
 	@echo "figures/ is up to date for profile $(PROFILE)"
 
 # Compute every experiment of the profile before the notebooks plot them: in-process by
@@ -55,15 +78,20 @@ figures: $(STAMP) $(EXECUTED)
 grid: $(STAMP)
 	$(PY) -m lance_lib.experiments.grid --profile $(PROFILE) $(if $(WORKERS),--workers $(WORKERS),) $(if $(SCHEDULER),--scheduler $(SCHEDULER),) $(if $(THREADS),--threads $(THREADS),)
 
-# JupyterLab on notebooks/ with the project's kernel and matplotlib's inline backend (the
-# Agg exported above would draw nothing in a notebook); --allow-root is added when run as
-# root. In a container: make lab LAB_ARGS="--ip=0.0.0.0 --no-browser", then open the
-# http://127.0.0.1:8888/lab?token=... URL it prints (with the container's published port).
-LAB_DIR ?= notebooks
+# JupyterLab serving the repository root (README, figures/ and its gallery one click
+# away), opened on notebooks/, with the project's kernel and matplotlib's inline backend
+# (the Agg exported above would draw nothing in a notebook); --allow-root is added when
+# run as root. The project's Lab settings (.jupyter/lab/settings/overrides.json) turn
+# off the news pop-up. In a container: make lab LAB_ARGS="--ip=0.0.0.0 --no-browser",
+# then open the http://127.0.0.1:8888/lab?token=... URL it prints (with the container's
+# published port). LAB_ROOT: another folder to serve (it must hold notebooks/).
+LAB_ROOT ?= .
 LAB_ARGS ?=
 lab: $(STAMP)
 	MPLBACKEND=module://matplotlib_inline.backend_inline $(VENV)/bin/jupyter lab \
-		$(if $(filter 0,$(shell id -u)),--allow-root,) $(LAB_ARGS) $(LAB_DIR)
+		$(if $(filter 0,$(shell id -u)),--allow-root,) --ServerApp.root_dir=$(LAB_ROOT) \
+		--LabApp.default_url=/lab/tree/notebooks \
+		--LabApp.app_settings_dir=$(CURDIR)/.jupyter/lab/settings $(LAB_ARGS)
 
 # The browser check: `make lab` in Debian's chromium (apt-get install chromium) runs the
 # teaching notebook and reads the page (tests/test_lab.py; skipped, with the reason, where

@@ -5,6 +5,12 @@ A notebook opened in JupyterLab runs with ``notebooks/`` as its working director
 chose: every default location is therefore computed from the repository root, so that
 all of them read and write the same results cache, figures and checkpoints.
 Environment variables move them elsewhere (shared results folders on a cluster).
+
+Two kinds of run write figures: ``make figures`` (the notebook runner) writes the
+committed ``figures/<profile>/``; a notebook run interactively (JupyterLab, or papermill
+without the Makefile) writes to the untracked ``build/lab/<profile>/``
+(:func:`lab_dir`), so exploring never changes a tracked file. Both share the results
+cache (:func:`results_dir`).
 """
 
 from __future__ import annotations
@@ -12,7 +18,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["figures_dir", "profiles_dir", "repo_root", "results_dir"]
+__all__ = [
+    "display_path",
+    "figures_dir",
+    "lab_dir",
+    "profiles_dir",
+    "repo_root",
+    "results_dir",
+]
 
 
 def repo_root() -> Path:
@@ -36,6 +49,25 @@ def figures_dir(profile: str) -> Path:
     return _from_env("LANCE_FIGURES", repo_root() / "figures") / profile
 
 
+def lab_dir(profile: str) -> Path:
+    """Figures and tables of an interactive run of ``profile`` (untracked).
+
+    ``$LANCE_LAB/<profile>``, default ``<repo>/build/lab/<profile>``: where a notebook
+    opened in JupyterLab (or run by papermill without the runner) writes, so that only
+    ``make figures`` changes the committed ``figures/<profile>/``.
+    """
+    return _from_env("LANCE_LAB", repo_root() / "build" / "lab") / profile
+
+
+def display_path(path: str | os.PathLike) -> str:
+    """``path`` relative to the repository root when it lies inside it, else as given."""
+    resolved = Path(path).resolve()
+    try:
+        return str(resolved.relative_to(repo_root()))
+    except ValueError:
+        return str(path)
+
+
 def profiles_dir() -> Path:
-    """The profile files (``<repo>/profiles``)."""
-    return repo_root() / "profiles"
+    """The profile files (``$LANCE_PROFILES``, default ``<repo>/profiles``)."""
+    return _from_env("LANCE_PROFILES", repo_root() / "profiles")

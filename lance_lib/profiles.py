@@ -21,15 +21,18 @@ parameters cell reads them from the profile it names, one line per parameter::
 
     profile = "smoke"  # profiles/<profile>.yaml supplies every value below
     params = profile_parameters("fig4_eps_gradient", profile)
-    outputs_dir = params["outputs_dir"]  # figures/<profile>/ at the repository root
+    outputs_dir = params["outputs_dir"]  # build/lab/<profile>/: make figures writes figures/
     force = False  # recompute cached results
     eps_values = params["eps_values"]  # energy thresholds of Eq. (3)
 
 The reader changes a value by editing its line, or the whole set by naming another
 profile; papermill sees every line as a declared parameter and the notebook runner
 (:mod:`lance_lib.notebook_runner`) injects the profile's values after the cell (the
-same values, so a notebook behaves the same in both). Every path resolves from the
-repository root (:mod:`lance_lib.paths`), never from the working directory
+same values, so a notebook behaves the same in both). One value differs by design:
+``outputs_dir``. Run interactively, a notebook writes its figures and tables to the
+untracked ``build/lab/<profile>/`` (:func:`lance_lib.paths.lab_dir`); only the runner
+(``make figures``) injects the committed ``figures/<profile>/``. Both read and write the
+same results cache. Every path resolves from the repository root (:mod:`lance_lib.paths`), never from the working directory
 (``notebooks/`` under JupyterLab).
 
 Bad parameters
@@ -158,8 +161,11 @@ def profile_parameters(
     -------
     dict
         The ``common`` keys, overridden by the notebook's section, and ``profile``,
-        ``outputs_dir`` (``figures/<profile>`` at the repository root, absolute) and
-        ``force`` (``False``): the values :func:`run_notebook` injects.
+        ``outputs_dir`` and ``force`` (``False``): the values the notebook runner
+        injects, except ``outputs_dir``, which is the untracked
+        :func:`lance_lib.paths.lab_dir` (``build/lab/<profile>``, absolute) where the
+        runner injects ``figures/<profile>``: an interactive run leaves the committed
+        figures as they are.
 
     Raises
     ------
@@ -178,7 +184,7 @@ def profile_parameters(
         )
     section, _ = _section(data, stem)
     params = {**(data.get("common") or {}), **section}
-    params.update(profile=profile, outputs_dir=_outputs_dir(profile, None), force=False)
+    params.update(profile=profile, outputs_dir=str(paths.lab_dir(profile)), force=False)
     return params
 
 

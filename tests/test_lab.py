@@ -1,16 +1,19 @@
 """The browser check (``make check-lab``): what a reader of ``make lab`` sees in JupyterLab.
 
 Starts JupyterLab through ``make lab`` on 127.0.0.1 (so the check covers the target's
-kernel environment, not a copy of it), opens the teaching notebook in the system's
-chromium driven by playwright, runs every cell and reads the page: rendered images,
-typeset equations, the widget slider, and no error or stderr output anywhere.
+kernel environment and the project's Lab settings, not a copy of them), opens the
+teaching notebook in the system's chromium driven by playwright, runs every cell and
+reads the page: rendered images, typeset equations, the widget slider, no error or
+stderr output anywhere, no news prompt, and the exercises' answers still closed after
+*Run All* (an HTML ``<details>`` in a Markdown cell, which running cannot open).
 
 It runs only under ``make check-lab`` (``LANCE_CHECK_LAB=1``) and is skipped with the
 reason otherwise: no chromium at ``/usr/bin/chromium`` (``$LANCE_CHROMIUM``), or no
-``playwright`` package. The notebook runs from a copy in a temporary folder, with
-figures and results redirected there (``LANCE_FIGURES``, ``LANCE_RESULTS``), so the
-repository's notebook and figures stay as they are (the records of a previous
-``make figures`` are copied there first, so cached experiments are not recomputed).
+``playwright`` package. The notebook runs from a copy in a temporary folder served as
+the Lab root (``LAB_ROOT``), with its outputs and results redirected there
+(``LANCE_LAB``, ``LANCE_RESULTS``), so the repository's notebook stays as it is (the
+records of a previous run are copied there first, so cached experiments are not
+recomputed).
 Screenshots of the rendered figures and ``summary.json`` (what the check saw, the run
 time) go to ``build/check-lab/``.
 """
@@ -43,12 +46,11 @@ FLAGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-#: Lab settings for the check: no autosave, every cell kept in the page (no windowing),
-#: no news prompt.
+#: Lab user settings for the check: no autosave, every cell kept in the page (no
+#: windowing). The news prompt is off by the project's own settings (``make lab``).
 SETTINGS = {
     "@jupyterlab/docmanager-extension/plugin.jupyterlab-settings": {"autosave": False},
     "@jupyterlab/notebook-extension/tracker.jupyterlab-settings": {"windowingMode": "none"},
-    "@jupyterlab/apputils-extension/notification.jupyterlab-settings": {"fetchNews": "false"},
 }
 RUN_TIMEOUT_S = 900
 OUT = ROOT / "build" / "check-lab"
@@ -90,15 +92,13 @@ def lab(tmp_path_factory):
         path = settings / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(values))
-    cached = ROOT / "figures" / "smoke" / "results"  # make figures' records, when present
-    for record in cached.glob("teach_*.json"):
-        target = base / "figures" / "smoke" / "results" / record.name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(record, target)
+    cached = ROOT / "results" / "teach_eps"  # the shared cache's records, when present
+    if cached.is_dir():
+        shutil.copytree(cached, base / "results" / "teach_eps")
     port, token = _free_port(), secrets.token_hex(16)
     env = {
         **os.environ,
-        "LANCE_FIGURES": str(base / "figures"),
+        "LANCE_LAB": str(base / "lab"),
         "LANCE_RESULTS": str(base / "results"),
         "JUPYTERLAB_SETTINGS_DIR": str(settings),
         "JUPYTERLAB_WORKSPACES_DIR": str(base / "workspaces"),
@@ -110,7 +110,7 @@ def lab(tmp_path_factory):
     )
     log = (base / "lab.log").open("w")
     server = subprocess.Popen(
-        ["make", "-s", "lab", f"LAB_DIR={folder}", f"LAB_ARGS={args}"],
+        ["make", "-s", "lab", f"LAB_ROOT={base}", f"LAB_ARGS={args}"],
         cwd=ROOT,
         env=env,
         stdout=log,
@@ -141,7 +141,10 @@ _ALL_RAN = """() => {
   const prompts = [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')];
   return prompts.length > 0 && prompts.every(p => /\\[\\d+\\]/.test(p.textContent));
 }"""
-_HIDDEN = "() => document.querySelectorAll('.jp-MarkdownCell .jp-InputPlaceholder').length"
+#: The answers: closed ``<details>`` of rendered Markdown cells (their text not shown).
+_CLOSED = """() => [...document.querySelectorAll('.jp-MarkdownOutput details')]
+  .filter(d => !d.open && d.querySelector('summary')).length"""
+_OPEN = "() => document.querySelectorAll('.jp-MarkdownOutput details[open]').length"
 _SEEN = """() => ({
   code_cells: document.querySelectorAll('.jp-CodeCell').length,
   executed: [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')]
@@ -157,6 +160,7 @@ _SEEN = """() => ({
   errors: [...document.querySelectorAll('.jp-OutputArea-output .jp-RenderedText')]
     .filter(e => /Traceback|Error:/.test(e.textContent)).map(e => e.textContent.slice(0, 300)),
   posix_paths: document.body.innerText.includes('PosixPath('),
+  news_prompt: /Jupyter news/i.test(document.body.innerText),
 })"""
 
 
@@ -175,7 +179,7 @@ def test_teaching_notebook_in_jupyterlab(lab):
             viewport={"width": 1400, "height": 1000},
         )
         page = browser.new_page()
-        page.goto(f"{url}/lab/tree/{NOTEBOOK}?token={token}", timeout=120_000)
+        page.goto(f"{url}/lab/tree/notebooks/{NOTEBOOK}?token={token}", timeout=120_000)
         page.wait_for_function(
             "() => window.jupyterapp && document.querySelector('.jp-Notebook .jp-CodeCell')",
             timeout=120_000,
@@ -187,7 +191,7 @@ def test_teaching_notebook_in_jupyterlab(lab):
             " && w.sessionContext.session.kernel.status === 'idle'; }",
             timeout=120_000,
         )
-        hidden_at_open = page.evaluate(_HIDDEN)
+        closed_at_open = page.evaluate(_CLOSED)
         start = time.monotonic()
         page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
         try:
@@ -197,7 +201,10 @@ def test_teaching_notebook_in_jupyterlab(lab):
             page.wait_for_timeout(3000)  # let MathJax and the widget manager finish
             seen = page.evaluate(_SEEN)
             seen["run_all_seconds"] = round(seconds, 1)
-            seen["answers_collapsed_at_open"] = hidden_at_open
+            seen["answers_closed_at_open"] = closed_at_open
+            page.keyboard.press("End")  # where Run All leaves the reader: the last cells
+            seen["answers_closed_after_run_all"] = page.evaluate(_CLOSED)
+            seen["answers_open_after_run_all"] = page.evaluate(_OPEN)
             for i, image in enumerate(page.query_selector_all(".jp-OutputArea-output img")):
                 image.scroll_into_view_if_needed()
                 image.screenshot(path=str(OUT / f"figure-{i + 1}.png"))
@@ -214,5 +221,8 @@ def test_teaching_notebook_in_jupyterlab(lab):
     assert seen["equations"] >= 5, seen  # Eq. 1-5 and Theorem 1 typeset by MathJax
     assert seen["sliders"] == 1 and seen["widget_tables"] >= 1, seen  # the eps slider answers
     assert not seen["posix_paths"], seen
-    assert seen["answers_collapsed_at_open"] >= 1, seen  # the answers start collapsed
+    assert not seen["news_prompt"], seen  # the project's Lab settings turn the news off
+    assert seen["answers_closed_at_open"] >= 1, seen  # the answers start closed
+    assert seen["answers_closed_after_run_all"] == seen["answers_closed_at_open"], seen
+    assert seen["answers_open_after_run_all"] == 0, seen  # Run All revealed none of them
     assert (folder / NOTEBOOK).read_bytes() == before  # nothing saved into the notebook

@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import time
 from pathlib import Path
 
 import nbformat
 import pytest
+import yaml
 
 from lance_lib.notebook_runner import fingerprint, run_notebook
 from lance_lib.profiles import load_profile, notebook_parameters, profile_parameters
 from tests.notebook_files import tiny_notebook
 
+#: Under ``pytest -n N`` this file runs on one worker (``--dist loadfile``): the
+#: module-scoped run of every notebook happens once while the others take the rest.
 pytestmark = pytest.mark.notebooks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,6 +31,16 @@ NOTEBOOKS = sorted(
     (ROOT / "notebooks").glob("*.ipynb"), key=lambda p: (p.stem.startswith("99_"), p.name)
 )
 PROFILES = ROOT / "profiles"
+#: The tests' smoke profile: ``profiles/smoke.yaml`` with the values that only decide how
+#: long a run takes made smaller (fewer steps and samples, fewer sweep points, fewer
+#: calibration batches), so every cell of every notebook runs and every check below
+#: holds, without recomputing the profile. Values are merged into the profile's sections.
+TEST_PROFILE = {
+    "common": {"finetune": {"max_steps_per_epoch": 2, "max_samples": 200, "num_batches": 2}},
+    "00_lowrank_in_ten_minutes": {"eps_values": [0.3, 0.7, 0.99], "num_batches": 4},
+    "table3_continual": {"overrides": {"max_steps": 2}},
+    "transformer_finetune": {"rank_ratios": [0.5, 0.25], "max_steps_per_epoch": 2},
+}
 
 
 @pytest.fixture
@@ -120,9 +135,10 @@ def test_runner_kernel_shows_figures_inline_without_progress(tmp_path, profiles,
 
 def test_profile_parameters_resolve_from_the_repository_root(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # JupyterLab runs notebooks in notebooks/, make in the root
-    monkeypatch.delenv("LANCE_FIGURES", raising=False)
+    monkeypatch.delenv("LANCE_LAB", raising=False)
     params = profile_parameters("fig4_eps_gradient.ipynb", "smoke")
-    assert Path(params["outputs_dir"]) == ROOT / "figures" / "smoke"
+    # run interactively, a notebook writes to the untracked build/lab/, never to figures/
+    assert Path(params["outputs_dir"]) == ROOT / "build" / "lab" / "smoke"
     data = load_profile("smoke")
     assert params["seed"] == data["common"]["seed"]
     assert params["eps_values"] == data["fig4_eps_gradient"]["eps_values"]
@@ -141,9 +157,10 @@ def _parameters_source(path: Path) -> str:
 def test_lab_defaults_are_the_profile(path, monkeypatch):
     """Run in JupyterLab (working directory notebooks/, no injected parameters), a
     notebook's parameters cell gives exactly what the runner injects, for the profile it
-    names."""
+    names, except the outputs folder: build/lab/<profile>, not the committed figures/."""
     monkeypatch.chdir(ROOT / "notebooks")
     monkeypatch.delenv("LANCE_FIGURES", raising=False)
+    monkeypatch.delenv("LANCE_LAB", raising=False)
     source = _parameters_source(path)
     assert re.search(r'^profile = "smoke"', source, flags=re.M), "the cell must name a profile"
     for profile in ("smoke", "cpu"):
@@ -153,31 +170,68 @@ def test_lab_defaults_are_the_profile(path, monkeypatch):
         for key, value in expected.items():
             got = namespace[key]
             if key == "outputs_dir":
-                got, value = Path(got).resolve(), Path(value)
+                assert Path(value) == ROOT / "figures" / profile  # what make figures writes
+                got, value = Path(got).resolve(), ROOT / "build" / "lab" / profile
             assert got == value, f"{path.name} under {profile}: {key} = {got!r}, not {value!r}"
+
+
+def _merged(base: dict, extra: dict) -> dict:
+    """``base`` with ``extra``'s values, nested mappings merged key by key."""
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merged(base[key], value) if isinstance(value, dict) else value
+    return out
+
+
+def test_profile_keeps_every_section_and_key():
+    """The tests' profile only changes values the smoke profile already sets."""
+    smoke = load_profile("smoke", PROFILES)
+    for section, values in TEST_PROFILE.items():
+        merged = _merged(smoke[section], values)
+        assert merged.keys() == smoke[section].keys(), section
+
+
+def write_test_profile(folder: Path) -> Path:
+    """``folder/smoke.yaml``: the smoke profile with :data:`TEST_PROFILE` merged in."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data = _merged(load_profile("smoke", PROFILES), TEST_PROFILE)
+    (folder / "smoke.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    return folder
 
 
 @pytest.fixture(scope="module")
 def smoke_outputs(tmp_path_factory) -> Path:
-    """Run every notebook once with the smoke profile; return the outputs folder."""
+    """Run every notebook once with the tests' smoke profile; return the outputs folder.
+
+    ``profiles/`` (the profile's values, for the tests to read), ``results/`` (a fresh
+    cache), ``figures/`` (what the notebooks wrote) and ``build/`` (the executed notebooks).
+    """
     base = tmp_path_factory.mktemp("smoke")
-    # a fresh results cache (the kernels inherit it): every run computes once, and the
-    # notebooks share it as they share the repository's results/ under make figures
+    profiles = write_test_profile(base / "profiles")
+    # a fresh results cache and the tests' profile (the kernels inherit both, so the
+    # notebooks' parameters cells and the claims scorecard read the same values): every
+    # run computes once, and the notebooks share it as under make figures
     patch = pytest.MonkeyPatch()
     patch.setenv("LANCE_RESULTS", str(base / "results"))
+    patch.setenv("LANCE_PROFILES", str(profiles))
     try:
         for path in NOTEBOOKS:
             run_notebook(
                 path,
                 base / "build" / path.name,
                 profile="smoke",
-                profiles_dir=PROFILES,
+                profiles_dir=profiles,
                 outputs_dir=base / "figures",
                 force=False,
             )
     finally:
         patch.undo()
     return base
+
+
+def _profile(outputs: Path) -> dict:
+    """The profile the notebooks of ``outputs`` ran with."""
+    return load_profile("smoke", outputs / "profiles")
 
 
 def _figure_ok(figures: Path, stem: str) -> dict:
@@ -208,7 +262,7 @@ def test_teaching_notebook(smoke_outputs):
     assert hosvd["ranks_scratch"] == hosvd["ranks_library"]  # the by-hand HOSVD is lance_lib's
     assert hosvd["max_abs_difference"] < 1e-8 and 0 < hosvd["stored_over_full"] < 1
     rows = json.loads((figures / "results" / "teach_eps.json").read_text())["rows"]
-    eps_values = load_profile("smoke")["00_lowrank_in_ten_minutes"]["eps_values"]
+    eps_values = _profile(smoke_outputs)["00_lowrank_in_ten_minutes"]["eps_values"]
     assert {r["modes"] for r in rows} == {"channel", "no_batch", "all"}
     for modes in ("channel", "no_batch", "all"):
         part = [r for r in rows if r["modes"] == modes]
@@ -324,7 +378,7 @@ def test_fig2_angle(smoke_outputs):
     meta = _figure_ok(figures, "fig2_angle")
     assert len(meta["weights"]["resnet18"]) == 64  # the starting weights' sha256
     rows = _rows(figures, "fig2_angle")
-    epochs = load_profile("smoke", PROFILES)["common"]["finetune"]["epochs"]
+    epochs = _profile(smoke_outputs)["common"]["finetune"]["epochs"]
     runs = {(r["model"], r["dataset"], r["layers"], r["modes"]) for r in rows}
     assert {m for *_, m in runs} == {"channel", "no_batch", "all"}  # the modes ablation
     assert len(rows) == epochs * len(runs)
@@ -355,7 +409,7 @@ def test_fig3_ablation(smoke_outputs):
     figures = smoke_outputs / "figures"
     _figure_ok(figures, "fig3_ablation")
     rows = _rows(figures, "fig3_ablation")
-    section = load_profile("smoke", PROFILES)["fig3_ablation"]
+    section = _profile(smoke_outputs)["fig3_ablation"]
     eps = [r for r in rows if r["sweep"] == "eps"]
     assert [r["value"] for r in eps] == section["eps_values"]
     memory = [r["memory_mb"] for r in eps]
@@ -371,7 +425,7 @@ def test_fig5_latency(smoke_outputs):
     figures = smoke_outputs / "figures"
     _figure_ok(figures, "fig5_latency")
     rows = _rows(figures, "fig5_latency")
-    section = load_profile("smoke", PROFILES)["fig5_latency"]
+    section = _profile(smoke_outputs)["fig5_latency"]
     methods = {r["method"] for r in rows}
     assert {"bp", "lance"} <= methods
     assert len(rows) == len(methods) * section["max_layers"]
@@ -391,7 +445,7 @@ def test_transformer_finetune(smoke_outputs):
     figures = smoke_outputs / "figures"
     _figure_ok(figures, "transformer_finetune")
     rows = _rows(figures, "transformer_finetune")
-    ratios = load_profile("smoke", PROFILES)["transformer_finetune"]["rank_ratios"]
+    ratios = _profile(smoke_outputs)["transformer_finetune"]["rank_ratios"]
     lowrank = ("loract", "loract_prenorm", "loract_prenorm_linear")  # one row per method and r
     assert len(rows) == 2 + len(lowrank) * len(ratios)  # and BP, LANCE
     by = {(r["method"], r["rank_ratio"]): r for r in rows}
@@ -409,3 +463,49 @@ def test_transformer_finetune(smoke_outputs):
         assert region["loract_prenorm"] < region["loract_prenorm_linear"] < region["loract"]
     assert "\\toprule" in (figures / "transformer_finetune.tex").read_text()
     assert "Layer memory / BP" in (figures / "transformer_finetune.md").read_text()
+
+
+def _git_status() -> str:
+    return subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=all"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+
+
+#: Notebooks run the way JupyterLab runs them, to check that they leave the tree as it was.
+LAB_RUNS = ("fig4_eps_gradient", "table1_split")
+
+
+@pytest.mark.skipif(not (ROOT / ".git").exists(), reason="not a git checkout")
+@pytest.mark.parametrize("name", LAB_RUNS)
+def test_a_lab_run_leaves_the_tree_clean(name, smoke_outputs, tmp_path, monkeypatch):
+    """papermill from notebooks/ without the runner (as Lab runs it: the parameters cell
+    decides) writes to the untracked build/lab/<profile>/ and changes no tracked file; the
+    results cache is shared with the runner's runs (here: the module's)."""
+    import papermill as pm
+
+    monkeypatch.setenv("LANCE_RESULTS", str(smoke_outputs / "results"))
+    monkeypatch.setenv("LANCE_PROFILES", str(smoke_outputs / "profiles"))
+    for variable in ("LANCE_LAB", "LANCE_FIGURES"):
+        monkeypatch.delenv(variable, raising=False)
+    before = _git_status()
+    start = time.time()
+    pm.execute_notebook(
+        str(ROOT / "notebooks" / f"{name}.ipynb"),
+        str(tmp_path / f"{name}.ipynb"),
+        kernel_name="lance",
+        progress_bar=False,
+        cwd=str(ROOT / "notebooks"),
+    )
+    assert _git_status() == before
+    lab = ROOT / "build" / "lab" / "smoke"
+    written = [p for p in (lab / f"{name}.md", lab / f"{name}.png") if p.exists()]
+    assert written and all(p.stat().st_mtime >= start - 1 for p in written)
+    executed = nbformat.read(tmp_path / f"{name}.ipynb", as_version=4)
+    shown = "".join(t for c in executed.cells if c.cell_type == "code" for t in _outputs(c, "text"))
+    assert "saved to /" not in shown
+    if (lab / f"{name}.png").exists():  # a figure's "saved to" line: repository-relative
+        assert f"saved to build/lab/smoke: {name}.png" in shown

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -12,6 +13,8 @@ import pytest
 from lance_lib import provenance as run_provenance
 from lance_lib.reporting import (
     Provenance,
+    SavedFiles,
+    figure_size,
     paper_table,
     paper_tables,
     paper_value,
@@ -295,3 +298,53 @@ def test_table2_like_for_like_only_when_every_setting_is_the_papers():
     assert table["like for like"].tolist() == [False, True]
     assert "weights reference (paper IMAGENET1K_V1)" in table["differs"][0]
     assert "classes 5 of 10" in table["differs"][0] and table["differs"][1] == ""
+def test_smoke_banner_links_the_reference_copy_and_says_what_smoke_runs():
+    from lance_lib.reporting import banner_text
+
+    assert banner_text("reference", "fig2_angle") is None and banner_text("cpu", "x") is None
+    text = banner_text("smoke", "fig2_angle.ipynb")
+    assert "(../figures/reference/notebooks/fig2_angle.ipynb)" in text  # from notebooks/
+    assert "reference ResNet18" in text and "committed" in text
+    assert "once it is built" not in text and "small models" not in text
+    notebooks = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
+    for path in notebooks:  # every notebook shows it, through the one helper
+        assert f'show_banner(profile, \\"{path.stem}\\")' in path.read_text(), path.name
+
+
+def test_saved_files_name_their_folder_from_the_repository_root(tmp_path):
+    from lance_lib.paths import repo_root
+
+    inside = SavedFiles([repo_root() / "figures" / "smoke" / "a.png"])
+    assert repr(inside) == "saved to figures/smoke: a.png"
+    outside = SavedFiles([tmp_path / "b.png"])
+    assert repr(outside) == f"saved to {tmp_path}: b.png"
+
+
+def test_layout_check_flags_overlapping_text_and_legends_over_data(tmp_path):
+    from lance_lib.reporting import LayoutWarning, layout_problems
+
+    use_style()
+    fig, axes = plt.subplots(1, 4, figsize=(4, 2))  # four long titles in 4 inches
+    for ax in axes:
+        ax.set_title("a long title that cannot fit")
+    assert any("title" in p and "overlaps" in p for p in layout_problems(fig))
+    with pytest.warns(LayoutWarning, match="overlaps"):
+        save_figure(fig, tmp_path / "titles")
+
+    fig, ax = plt.subplots(figsize=(3, 2))
+    ax.plot([0, 1], [1, 1], label="flat line under the legend")
+    ax.legend(loc="upper left")
+    ax.set_ylim(0, 1.05)
+    assert "axes 0 legend covers data of axes 0" in layout_problems(fig)
+
+    fig, ax = plt.subplots(figsize=(2.5, 2))  # minor tick labels of a log axis collide
+    ax.semilogx([3, 9], [0, 1])
+    ax.set_xticks([5, 6], ["5 x 10^0", "6 x 10^0"], minor=True)
+    assert any("minor tick label '5 x 10^0' overlaps" in p for p in layout_problems(fig))
+
+    fig, ax = plt.subplots(figsize=figure_size(1))  # a plain figure passes
+    ax.plot([0, 1], [0, 1], label="line")
+    ax.set(title="title", xlabel="x", ylabel="y")
+    ax.legend(loc="upper left")
+    assert layout_problems(fig) == []
+    plt.close("all")

@@ -18,6 +18,7 @@ def plot_accuracy_matrix(
     *,
     title: str | None = None,
     percent: bool | None = None,
+    colorbar: bool = True,
 ) -> matplotlib.axes.Axes:
     """Heatmap of the continual-learning accuracy matrix ``A[j, i]``.
 
@@ -35,6 +36,9 @@ def plot_accuracy_matrix(
         Axes title.
     percent
         Whether values are percentages; guessed (any value > 1) when ``None``.
+    colorbar
+        Draw the colour bar beside the matrix (several matrices share one:
+        :func:`lance_lib.reporting.paper_figures.plot_accuracy_matrices`).
 
     Returns
     -------
@@ -65,7 +69,8 @@ def plot_accuracy_matrix(
         annot=a.shape[0] <= 12,
         fmt=".0f",
         square=True,
-        cbar_kws={"label": "accuracy (%)"},
+        cbar=colorbar,
+        cbar_kws={"label": "accuracy (%)"} if colorbar else None,
         xticklabels=range(1, a.shape[0] + 1),
         yticklabels=range(1, a.shape[0] + 1),
     )

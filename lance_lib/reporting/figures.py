@@ -12,14 +12,18 @@ backend the kernel runs.
 from __future__ import annotations
 
 import os
+import textwrap
+import warnings
 from pathlib import Path
 
 import matplotlib.figure
 import matplotlib.pyplot as plt
 
 from lance_lib.io import atomic_write
+from lance_lib.paths import display_path
 from lance_lib.progress import in_notebook
 
+from .layout import LayoutWarning, layout_problems
 from .provenance import Provenance
 from .style import MAX_WIDTH
 
@@ -27,12 +31,17 @@ __all__ = ["SavedFiles", "save_figure", "show_png"]
 
 
 class SavedFiles(list):
-    """The paths a save wrote; shown as one short line instead of a list of ``PosixPath``."""
+    """The paths a save wrote; shown as one short line instead of a list of ``PosixPath``.
+
+    The folder is shown relative to the repository root when it lies inside it
+    (``saved to figures/smoke: ...``), so a notebook's output names the same place on
+    every machine.
+    """
 
     def __repr__(self) -> str:
         if not self:
             return "saved nothing"
-        folder = Path(self[0]).parent
+        folder = display_path(Path(self[0]).parent)
         return f"saved to {folder}: " + ", ".join(Path(p).name for p in self)
 
 
@@ -62,6 +71,9 @@ def _add_footer(fig: matplotlib.figure.Figure, text: str) -> None:
         legend.set_bbox_to_anchor(where, transform=fig.transFigure)
         legend.set_loc("center")
     box = fig.get_tightbbox(renderer)  # inches
+    # wrapped to the drawing's width (7 pt: about 17 characters an inch), so a long
+    # caption does not widen the saved figure beyond what it draws
+    text = textwrap.fill(text, max(40, int(box.width * 17)), break_long_words=False)
     fig.text(
         box.x0 / fig.get_figwidth(),
         box.y0 / fig.get_figheight() - 0.01,
@@ -110,6 +122,12 @@ def save_figure(
     ------
     ValueError
         ``stem`` carries a ``.png`` or ``.pdf`` suffix.
+
+    Warns
+    -----
+    LayoutWarning
+        Text boxes of the figure overlap, or a legend covers data
+        (:func:`lance_lib.reporting.layout.layout_problems`); the files are written anyway.
     """
     stem = Path(stem)
     if stem.suffix in (".png", ".pdf"):
@@ -119,6 +137,14 @@ def save_figure(
         fig.set_size_inches(MAX_WIDTH, height * MAX_WIDTH / width)
     if provenance is not None:
         _add_footer(fig, provenance.caption())
+    problems = layout_problems(fig)
+    if problems:
+        warnings.warn(
+            f"{stem.name}: " + "; ".join(problems) + " (move or shrink the text, or the "
+            "legend outside the data)",
+            LayoutWarning,
+            stacklevel=2,
+        )
     written = SavedFiles()
     for fmt in ("png", "pdf"):
         path = stem.with_name(f"{stem.name}.{fmt}")
