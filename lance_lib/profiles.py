@@ -32,8 +32,9 @@ same values, so a notebook behaves the same in both). One value differs by desig
 ``outputs_dir``. Run interactively, a notebook writes its figures and tables to the
 untracked ``build/lab/<profile>/`` (:func:`lance_lib.paths.lab_dir`); only the runner
 (``make figures``) injects the committed ``figures/<profile>/``. Both read and write the
-same results cache. Every path resolves from the repository root (:mod:`lance_lib.paths`), never from the working directory
-(``notebooks/`` under JupyterLab).
+same results cache. Every path resolves from the repository root
+(:mod:`lance_lib.paths`), never from the working directory (``notebooks/`` under
+JupyterLab).
 
 Bad parameters
 --------------
