@@ -298,6 +298,8 @@ def test_table2_like_for_like_only_when_every_setting_is_the_papers():
     assert table["like for like"].tolist() == [False, True]
     assert "weights reference (paper IMAGENET1K_V1)" in table["differs"][0]
     assert "classes 5 of 10" in table["differs"][0] and table["differs"][1] == ""
+
+
 def test_smoke_banner_links_the_reference_copy_and_says_what_smoke_runs():
     from lance_lib.reporting import banner_text
 
