@@ -347,6 +347,7 @@ def test_scorecard_counts_g_with_c_and_names_the_records(tmp_path):
     text = md_path.read_text()
     assert "r0.json" in text and "reported with c" in text
     assert "Eq. 1 as written (modes='all') reproduces: c" in text
+    assert "(evidence: table2_finetune (short schedule" in text
 
 
 def test_c_names_the_staleness_diagnostics_and_pairs_runs_that_only_measure_energy():

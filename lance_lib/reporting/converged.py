@@ -75,6 +75,7 @@ def plot_accuracy_curves(records: Sequence[Record], ax: Axes) -> list[str]:
         The lines drawn, ``"<label>, <layers> convs: <final mean accuracy> %"``.
     """
     import numpy as np
+    from matplotlib.ticker import MaxNLocator
 
     bp = [r for r in records if r["settings"]["method"] == "bp"]
     point = {(r["settings"]["eps"], r["settings"]["num_batches"]) for r in bp}
@@ -101,4 +102,5 @@ def plot_accuracy_curves(records: Sequence[Record], ax: Axes) -> list[str]:
                             color=method_color(method), alpha=0.15)  # fmt: skip
         drawn.append(f"{label}, {layers} convs: {statistics.fmean(values[:, -1]):.2f} %")
     ax.set(xlabel="epoch", ylabel="test accuracy (%)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     return drawn

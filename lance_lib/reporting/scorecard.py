@@ -88,7 +88,10 @@ def write_scorecard(
         parts += [f"{v}: {', '.join(ids)}" for v, ids in by_verdict.items()
                   if ids and v != "reproduced"]  # fmt: skip
         lines.append(f"- {READINGS[name]} reproduces: " + "; ".join(parts))
-    lines += ["", "Protocols: " + "; ".join(f"{c['id']}: {c['protocol']}" for c in claims), "",
+    protocols = [f"{c['id']}: {c['protocol']}"
+                 + (f" (evidence: {c['evidence']})" if c.get("evidence") else "")
+                 for c in claims]  # fmt: skip
+    lines += ["", "Protocols: " + "; ".join(protocols), "",
               "Records (relative to the repository):", ""]  # fmt: skip
     for c in claims:
         if c.get("records"):
