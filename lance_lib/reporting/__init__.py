@@ -18,6 +18,8 @@ them here.
   of LANCE, seed pairs, record files, "like for like");
 * :mod:`~lance_lib.reporting.claims` and :mod:`~lance_lib.reporting.scorecard`: the
   paper's claims, their fixed rules and verdicts, written as ``claims.json``/``.md``.
+* :mod:`~lance_lib.reporting.converged`: the converged runs the claims rest on
+  (``claim_runs``), looked up in the results cache, and their accuracy curves.
 """
 
 from .accuracy_matrix import plot_accuracy_matrix
