@@ -14,14 +14,15 @@ from lance_lib.reporting.claim_records import (
     seed_pairs,
     settings_differences,
 )
-from lance_lib.reporting.claims import CLAIMS, VERDICTS, evaluate_claims
+from lance_lib.reporting.claims import CLAIMS, CONVERGED_EVIDENCE, VERDICTS, evaluate_claims
 from lance_lib.reporting.intervals import judge, judge_band, paired_interval
 from lance_lib.reporting.scorecard import evidence_provenance, write_scorecard
 from tests.synthetic_records import BP_BYTES
 from tests.synthetic_records import finetune_record as _ft
 
 KEYS = {"id", "claim", "source", "paper", "ours", "protocol", "like_for_like", "rule", "verdict",
-        "records", "seeds", "interval", "readings", "counted", "reported_with"}  # fmt: skip
+        "records", "seeds", "interval", "readings", "counted", "reported_with",
+        "evidence"}  # fmt: skip
 
 
 def _verdicts(records):
@@ -346,6 +347,7 @@ def test_scorecard_counts_g_with_c_and_names_the_records(tmp_path):
     text = md_path.read_text()
     assert "r0.json" in text and "reported with c" in text
     assert "Eq. 1 as written (modes='all') reproduces: c" in text
+    assert "(evidence: table2_finetune (short schedule" in text
 
 
 def test_c_names_the_staleness_diagnostics_and_pairs_runs_that_only_measure_energy():
@@ -362,3 +364,87 @@ def test_c_names_the_staleness_diagnostics_and_pairs_runs_that_only_measure_ener
     assert c["verdict"] == "not reproduced" and c["interval"]["n"] == 3
     assert "captured input energy 0.800 after calibration -> 0.400" in c["reason"]
     assert "recalibrated every epoch" in c["reason"] and "77 % of the gap closed" in c["reason"]
+
+
+# ------------------------------------------------- the converged runs (claim_runs) first
+
+
+def _converged(gap, *, n2_gap=0.0, seeds=(0, 1, 2)):
+    """The claim_runs sweep at 12 epochs: BP and both readings at 2 and 4 convs, LANCE at
+    eps 0.9 and 0.95 and at N = 2 (4 convs), one recalibrated run; LANCE - BP = ``gap``
+    at eps 0.7, N = 20, the eps sweep far better (left out of c and g if mixed in)."""
+    out = []
+    for seed in seeds:
+        for layers in (2, 4):
+            out.append(_ft("bp", seed=seed, acc=0.80, layers=layers, epochs=12,
+                           path=f"results/finetune/conv-bp-{seed}-{layers}.json"))  # fmt: skip
+            for m in ("channel", "all"):
+                out.append(_ft("lance", seed=seed, acc=0.80 + gap / 100, modes=m, layers=layers,
+                               epochs=12, angles=(30.0, 30.0),
+                               path=f"results/finetune/conv-{m}-{seed}-{layers}.json"))  # fmt: skip
+        for eps, angle, mb in ((0.9, 20.0, 0.5), (0.95, 10.0, 2.0)):
+            out.append(_ft("lance", seed=seed, acc=0.79, eps=eps, epochs=12, angles=(angle,) * 2,
+                           layer_bytes=int(mb * 2**20), analytic_mb=mb,
+                           path=f"results/finetune/conv-eps{eps}-{seed}.json"))  # fmt: skip
+        out.append(_ft("lance", seed=seed, acc=0.80 + (gap + n2_gap) / 100, n=2, epochs=12,
+                       path=f"results/finetune/conv-n2-{seed}.json"))  # fmt: skip
+    return out
+
+
+def _notebooks(gap):
+    """The notebooks' short-schedule sweeps (3 epochs, no file under results/finetune/conv-)."""
+    table = _table2([gap] * 3, modes="all") + [
+        _ft("lance", seed=s, acc=0.62 + gap / 100, modes="channel") for s in range(3)
+    ]
+    return {"table2_finetune": table, "table1_split": table,
+            "fig3_ablation": _fig3((0.2, -0.3, 0.1)), "fig2_angle": _fig2(40.0),
+            "fig4_eps_gradient": _fig4((40.0, 30.0, 20.0))}  # fmt: skip
+
+
+def test_c_d_g_read_only_the_converged_runs_when_stored():
+    records = {**_notebooks(-1.0), "claim_runs": [*_converged(-6.0), None]}  # None: not computed
+    claims = _verdicts(records)
+    for cid in "cdg":
+        claim = claims[cid]
+        assert claim["evidence"] == CONVERGED_EVIDENCE, claim
+        assert claim["records"] and all("/conv-" in n for n in claim["records"]), claim["records"]
+        assert "12 epochs" in claim["protocol"]
+    c, g = claims["c"], claims["g"]
+    assert c["verdict"] == "not reproduced" and c["interval"]["mean"] == pytest.approx(-6.0)
+    assert c["readings"]["channel"]["interval"]["mean"] == pytest.approx(-6.0)
+    assert not any("eps" in n or "n2" in n for n in c["records"])  # BP's eps and N only
+    assert g["interval"]["4 convs"]["mean"] == pytest.approx(-6.0)
+    d = claims["d"]  # eps 0.7, 0.9, 0.95 at N = 20 and 4 convs; N 2 vs 20 at eps 0.7
+    assert "over eps [0.7, 0.9, 0.95]" in d["ours"] and d["interval"]["n"] == 3
+    two_convs = {f"results/finetune/conv-channel-{seed}-2.json" for seed in range(3)}
+    assert not two_convs & set(d["records"])  # the 2-conv runs are not in the 4-conv sweep
+
+
+def test_without_converged_runs_the_claims_read_the_notebooks_and_say_the_schedule_is_short():
+    for converged in ([], [None, None]):  # no section, or a section not computed yet
+        claims = _verdicts({**_notebooks(-1.0), "claim_runs": converged})
+        for cid, notebook in (("c", "table2_finetune"), ("d", "fig3_ablation"),
+                              ("g", "table1_split")):  # fmt: skip
+            assert claims[cid]["evidence"].startswith(f"{notebook} (short schedule"), cid
+            assert "3 epochs" in claims[cid]["protocol"]
+        assert claims["c"]["interval"]["mean"] == pytest.approx(-1.0)
+        assert claims["c"]["verdict"] == "reproduced"
+
+
+def test_b_and_j_read_the_converged_runs_for_resnet18_cifar10_and_the_notebook_elsewhere():
+    mcunet = [_ft("bp", model="mcunet"), _ft("lance", model="mcunet", angles=(50.0, 50.0))]
+    fig2 = [*_notebooks(-1.0)["fig2_angle"], *mcunet]
+    b = _verdicts({"fig2_angle": fig2, "claim_runs": _converged(-6.0)})["b"]
+    channel = b["readings"]["channel"]
+    assert "resnet18/cifar10: " + CONVERGED_EVIDENCE in channel["evidence"]
+    assert "mcunet/cifar10: fig2_angle (short schedule" in channel["evidence"]
+    # the converged mean angle at eps 0.7 (30), not the notebook's 40 nor the eps sweep's
+    assert "resnet18/cifar10/4 convs: 30.0 deg" in channel["ours"], channel["ours"]
+    j = _verdicts({"fig4_eps_gradient": _fig4((40.0, 30.0, 20.0)),
+                   "claim_runs": _converged(-6.0)})["j"]  # fmt: skip
+    channel, paper = j["readings"]["channel"], j["readings"]["all"]
+    assert channel["evidence"] == CONVERGED_EVIDENCE
+    assert "angle 30.0, 20.0, 10.0 deg over eps 0.7, 0.9, 0.95" in channel["ours"], channel
+    # Eq. 1 as written ran at one eps in claim_runs: its eps sweep is the notebook's
+    assert paper["evidence"].startswith("fig4_eps_gradient (short schedule")
+    assert "over eps 0.5, 0.7, 0.9" in paper["ours"]

@@ -350,3 +350,43 @@ def test_layout_check_flags_overlapping_text_and_legends_over_data(tmp_path):
     ax.legend(loc="upper left")
     assert layout_problems(fig) == []
     plt.close("all")
+
+
+def test_converged_records_are_looked_up_in_the_cache_never_computed(tmp_path, monkeypatch):
+    from lance_lib.experiments.sweeps import grid_only_parameters, sweep
+    from lance_lib.io import write_json_atomic
+    from lance_lib.reporting.converged import converged_records
+    from lance_lib.reporting.scorecard import gather_records
+
+    monkeypatch.setenv("LANCE_RESULTS", str(tmp_path))
+    assert converged_records("smoke") is None and gather_records("smoke", ()) == {}
+    configs = sweep("claim_runs", grid_only_parameters("claim_runs", "reference"))
+    assert converged_records("reference") == [None] * len(configs)  # nothing run
+    assert not list(tmp_path.rglob("*.json"))
+    path, settings, required = configs[1].record_request()
+    write_json_atomic(path, {**dict.fromkeys(required), "settings": settings,
+                             "final_accuracy": 0.8})  # fmt: skip
+    found = converged_records("reference")
+    assert found[1]["path"] == str(path) and found[1]["final_accuracy"] == 0.8
+    assert found[:1] + found[2:] == [None] * (len(configs) - 1)
+    assert gather_records("reference", ())["claim_runs"] == found
+
+
+def test_accuracy_curves_are_bp_and_lance_at_bps_eps_and_n_mean_over_seeds():
+    from lance_lib.reporting.converged import plot_accuracy_curves
+
+    records = []
+    for seed in range(3):
+        records += [
+            finetune_record("bp", seed=seed, epochs=3, curve=(0.6, 0.7, 0.8 + seed / 100)),
+            finetune_record("lance", seed=seed, epochs=3, curve=(0.6, 0.7, 0.75)),
+            finetune_record("lance", seed=seed, epochs=3, modes="all", curve=(0.5, 0.6, 0.7)),
+            finetune_record("lance", seed=seed, epochs=3, eps=0.9, curve=(0.1,) * 3),  # eps sweep
+        ]
+    fig, ax = plt.subplots()
+    drawn = plot_accuracy_curves(records, ax)
+    plt.close(fig)
+    assert drawn == ["BP, 4 convs: 81.00 %", "LANCE, Eq. 1 as written, 4 convs: 70.00 %",
+                     "LANCE, channel-only, 4 convs: 75.00 %"]  # fmt: skip
+    assert len(ax.lines) == 3
+    assert list(ax.lines[0].get_ydata()) == pytest.approx([60.0, 70.0, 81.0])

@@ -18,7 +18,7 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, TypeVar
 
-from lance_lib.experiments.cache import settings_key
+from lance_lib.experiments.cache import load_record, settings_key
 from lance_lib.io import jsonable
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "register_sweep",
     "registered_sweeps",
     "run_experiment",
+    "stored_record",
 ]
 
 C = TypeVar("C", bound="ExperimentConfig")
@@ -110,6 +111,30 @@ def run_experiment(config: ExperimentConfig, **options: Any) -> dict[str, Any]:
             f"no experiment runner registered for {type(config).__name__}; registered: {known}"
         )
     return runner(config, **options)
+
+
+def stored_record(config: ExperimentConfig) -> dict[str, Any] | None:
+    """The record of ``config`` already in the results cache, without running anything.
+
+    For configs that say where their record lives (a ``record_request()`` method, as
+    :class:`~lance_lib.experiments.finetune_config.FinetuneConfig`); ``None`` when it was
+    not computed yet (or the stored file does not answer the request, with a
+    :class:`~lance_lib.experiments.cache.CacheWarning`).
+
+    Returns
+    -------
+    dict or None
+        The record with ``path``, as :func:`run_experiment` returns it.
+    """
+    request = getattr(config, "record_request", None)
+    if request is None:
+        raise TypeError(
+            f"{type(config).__name__} does not say where its record lives (no record_request); "
+            "run it with run_experiment instead"
+        )
+    path, settings, required = request()
+    stored = load_record(path, settings, required)
+    return None if stored is None else {**stored, "path": str(path)}
 
 
 def register_sweep(notebook: str) -> Callable[[SweepFunction], SweepFunction]:

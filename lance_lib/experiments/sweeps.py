@@ -18,7 +18,7 @@ from typing import Any
 
 from lance_lib.experiments.base import ExperimentConfig, SweepFunction, registered_sweeps
 
-__all__ = ["SWEEP_MODULES", "profile_experiments", "sweep", "sweeps"]
+__all__ = ["SWEEP_MODULES", "grid_only_parameters", "profile_experiments", "sweep", "sweeps"]
 
 #: Modules whose import registers sweeps (imported by :func:`sweeps` before listing).
 SWEEP_MODULES: tuple[str, ...] = (
@@ -52,6 +52,23 @@ def sweep(notebook: str, params: Mapping[str, Any]) -> list[ExperimentConfig]:
     return list(registered[notebook](params))
 
 
+def grid_only_parameters(notebook: str, profile: str) -> dict[str, Any]:
+    """The parameters of a *grid-only* sweep (no notebook): ``common`` overridden by its section.
+
+    Raises
+    ------
+    KeyError
+        ``profile`` has no section named ``notebook``.
+    """
+    from lance_lib.paths import profiles_dir
+    from lance_lib.profiles import load_profile
+
+    data = load_profile(profile, profiles_dir())
+    if notebook not in data:
+        raise KeyError(f"profile {profile!r} has no section {notebook!r}")
+    return {**(data.get("common") or {}), **dict(data[notebook] or {})}
+
+
 def profile_experiments(profile: str) -> dict[str, list[ExperimentConfig]]:
     """``{notebook: [configs]}`` for every sweep of ``profile``.
 
@@ -69,7 +86,7 @@ def profile_experiments(profile: str) -> dict[str, list[ExperimentConfig]]:
         if path.exists():
             params, _ = notebook_parameters(path, profile, profiles_dir=profiles_dir())
         elif notebook in data:
-            params = {**(data.get("common") or {}), **dict(data[notebook] or {})}
+            params = grid_only_parameters(notebook, profile)
         else:
             continue
         out[notebook] = list(function(params))

@@ -22,6 +22,8 @@ them here.
   paper's claims, their fixed rules and verdicts, written as ``claims.json``/``.md``;
 * :mod:`~lance_lib.reporting.paper_figures`: Figs. 1c, 2, 3, 4 and Table 3's matrices,
   drawn from the notebooks' rows;
+* :mod:`~lance_lib.reporting.converged`: the converged runs the claims rest on
+  (``claim_runs``), looked up in the results cache, and their accuracy curves;
 * :mod:`~lance_lib.reporting.banner`: :func:`show_banner`, the smoke profile's banner.
 """
 

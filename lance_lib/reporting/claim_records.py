@@ -21,6 +21,7 @@ from typing import Any
 from lance_lib.paths import repo_root
 
 __all__ = [
+    "CONVERGED_SWEEP",
     "PAPER_FINETUNE",
     "READINGS",
     "Record",
@@ -36,6 +37,10 @@ __all__ = [
 ]
 
 Record = Mapping[str, Any]
+
+#: The grid-only sweep of the converged fine-tunes the claims rest on (the profile's
+#: section of that name; :func:`lance_lib.experiments.finetune_sweeps.claim_runs`).
+CONVERGED_SWEEP = "claim_runs"
 
 #: The readings of LANCE judged for claims b, c and j: ``{modes: label}``. ``"all"`` is
 #: Eq. 1 as written (every mode of the input, the batch mode included), the paper's text;

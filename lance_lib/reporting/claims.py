@@ -12,6 +12,11 @@ the rule's threshold, or one seed gives no interval) and ``not measured``. A rul
 several parts is ``not reproduced`` when one part fails, else ``not measured`` when one
 part lacks evidence, else ``inconclusive`` when one part is, else ``reproduced``.
 
+Claims c, d and g, and the tasks of b and j that the converged runs cover, read the
+profile's converged fine-tunes (the ``claim_runs`` sweep, :data:`CONVERGED_EVIDENCE`)
+when any of its records is stored, else the notebook's sweep on its shorter schedule;
+never both in one aggregate. Each outcome's ``evidence`` says which it read.
+
 Claims b, c and j are judged under both readings of LANCE
 (:data:`~lance_lib.reporting.claim_records.READINGS`), each with its own verdict; the
 claim's verdict is that of Eq. 1 as written (the paper's text), the channel-only
@@ -52,10 +57,11 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from lance_lib.reporting.claim_records import (
+    CONVERGED_SWEEP,
     READINGS,
     Record,
     bp_partner,
@@ -72,6 +78,7 @@ from lance_lib.reporting.paper_numbers import paper_value
 __all__ = [
     "ANGLE_FLOOR_DEG",
     "CLAIMS",
+    "CONVERGED_EVIDENCE",
     "FIG3_MEMORY_GROWTH",
     "LEARNED_SHARE",
     "MEMORY_TOLERANCE",
@@ -85,6 +92,8 @@ __all__ = [
 VERDICTS = ("reproduced", "not reproduced", "inconclusive", "not measured")
 Records = Mapping[str, Sequence[Record | None]]
 
+#: The evidence label of a claim that read the converged runs (``claim_runs``).
+CONVERGED_EVIDENCE = f"{CONVERGED_SWEEP} (converged)"
 #: The reading whose verdict is a claim's own (b, c, j): Eq. 1 as written.
 PAPER_READING = "all"
 #: An angle to BP at or below this (degrees) is BP's own gradient: LANCE compressed nothing.
@@ -130,6 +139,10 @@ class Outcome:
         g (one per layer count), else ``None``.
     readings
         Claims b, c, j: ``{reading: outcome of that reading as a dict}``.
+    evidence
+        Which records the fine-tuning claims read: :data:`CONVERGED_EVIDENCE`, or the
+        notebook's sweep on its short schedule (b, j: per task when they differ);
+        ``""`` for the other claims.
     """
 
     ours: str
@@ -141,6 +154,7 @@ class Outcome:
     seeds: tuple[int, ...] = ()
     interval: Mapping[str, Any] | None = None
     readings: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    evidence: str = ""
 
 
 def _not_measured(reason: str, protocol: str = "-", records: Sequence[Record] = ()) -> Outcome:
@@ -229,6 +243,39 @@ def _finetune_records(records: Records, notebook: str) -> list[Record]:
     return [r for r in records.get(notebook, ()) if r is not None]
 
 
+def _short_evidence(notebook: str) -> str:
+    return f"{notebook} (short schedule: no converged {CONVERGED_SWEEP} record stored)"
+
+
+def _evidence(records: Records, notebook: str) -> tuple[str, list[Record]]:
+    """The sweep a claim reads and its records: the converged runs when any is stored,
+    else ``notebook``'s sweep. One pool, never both."""
+    converged = _finetune_records(records, CONVERGED_SWEEP)
+    if converged:
+        return CONVERGED_SWEEP, converged
+    return notebook, _finetune_records(records, notebook)
+
+
+def _from_evidence(
+    notebook: str, evaluate: Callable[[Records, list[Record], str], Outcome]
+) -> Callable[[Records], Outcome]:
+    """A claim evaluated on :func:`_evidence`'s pool (``evaluate(records, runs, sweep)``),
+    its outcome labelled with the evidence it read."""
+
+    def claim(records: Records) -> Outcome:
+        source, runs = _evidence(records, notebook)
+        label = CONVERGED_EVIDENCE if source == CONVERGED_SWEEP else _short_evidence(notebook)
+        return replace(evaluate(records, runs, source), evidence=label)
+
+    return claim
+
+
+def _base_point(bp: Sequence[Record], runs: Sequence[Record]) -> list[Record]:
+    """``runs`` at BP's eps and N: the converged runs' eps and N sweeps left out."""
+    point = {(_settings(r)["eps"], _settings(r)["num_batches"]) for r in bp}
+    return [r for r in runs if (_settings(r)["eps"], _settings(r)["num_batches"]) in point]
+
+
 def _gap(pairs: Sequence[tuple[int, Record, Record]]) -> Interval:
     """Paired interval of the compared run's minus the reference run's accuracy (points)."""
     return paired_interval(
@@ -287,6 +334,7 @@ def _by_reading(evaluate: Callable[[str], Outcome]) -> Outcome:
         main.ours, main.verdict, main.protocol, main.like_for_like, main.reason,
         tuple(sorted({n for o in outcomes.values() for n in o.records})), main.seeds,
         main.interval, {name: _reading_entry(name, o) for name, o in outcomes.items()},
+        "; ".join(sorted({o.evidence for o in outcomes.values() if o.evidence})),
     )  # fmt: skip
 
 
@@ -309,23 +357,59 @@ def _claim_a(records: Records) -> Outcome:
 
 
 def _runs_by_task(
-    records: Records, notebook: str, name: str, *, with_layers: bool
-) -> tuple[list[Record], list[Record], dict[str, list[Record]]]:
-    """Every fine-tuning record (BP partners), the notebook's LANCE runs of reading
-    ``name``, and those runs per task (model/dataset, and layers ``with_layers``)."""
-    runs = [r for r in _finetune_records(records, notebook) if reading(r) == name]
-    tasks: dict[str, list[Record]] = {}
-    for r in runs:
-        s = _settings(r)
-        task = f"{s['model']}/{s['dataset']}" + (f"/{s['layers']} convs" if with_layers else "")
-        tasks.setdefault(task, []).append(r)
-    return finetune_pool(records), runs, tasks
+    records: Records,
+    notebook: str,
+    name: str,
+    *,
+    with_layers: bool,
+    converged: Callable[[list[Record]], list[Record]],
+    usable: Callable[[list[Record]], bool] = bool,
+) -> tuple[list[Record], list[Record], dict[str, list[Record]], str]:
+    """Every fine-tuning record (BP partners), the LANCE runs of reading ``name``, those
+    runs per task (model/dataset, and layers ``with_layers``) and the evidence read.
+
+    A model and dataset with a ``usable`` task among the ``converged`` selection of the
+    converged runs reads those; the others read the notebook's sweep (short schedule).
+    """
+
+    def group(runs: Sequence[Record]) -> dict[tuple, list[Record]]:
+        tasks: dict[tuple, list[Record]] = {}
+        for r in runs:
+            if reading(r) == name:
+                s = _settings(r)
+                key = (s["model"], s["dataset"]) + ((s["layers"],) if with_layers else ())
+                tasks.setdefault(key, []).append(r)
+        return tasks
+
+    long = group(converged(_finetune_records(records, CONVERGED_SWEEP)))
+    long = {t: g for t, g in long.items() if usable(g)}
+    short = {t: g for t, g in group(_finetune_records(records, notebook)).items()
+             if t[:2] not in {k[:2] for k in long}}  # fmt: skip
+    labels = {t: CONVERGED_EVIDENCE for t in long} | {t: _short_evidence(notebook) for t in short}
+    tasks = {
+        "/".join(map(str, t[:2])) + (f"/{t[2]} convs" if with_layers else ""): g
+        for t, g in (short | long).items()
+    }
+    evidence = sorted(set(labels.values()))
+    if len(evidence) > 1:
+        evidence = [f"{'/'.join(map(str, t[:2]))}: {label}" for t, label in sorted(labels.items())]
+        evidence = sorted(set(evidence))
+    runs = [r for g in tasks.values() for r in g]
+    return finetune_pool(records), runs, tasks, "; ".join(evidence)
+
+
+def _converged_base(runs: list[Record]) -> list[Record]:
+    """The converged runs at BP's eps and N (b: no eps or N sweep in one mean angle)."""
+    return _base_point([r for r in runs if _settings(r)["method"] == "bp"], runs)
 
 
 def _claim_b_reading(records: Records, name: str) -> Outcome:
-    pool, runs, tasks = _runs_by_task(records, "fig2_angle", name, with_layers=True)
+    pool, runs, tasks, evidence = _runs_by_task(
+        records, "fig2_angle", name, with_layers=True, converged=_converged_base
+    )
     if not runs:
-        return _not_measured(f"fig2_angle holds no LANCE run read as {READINGS[name]}")
+        return _not_measured(f"fig2_angle and {CONVERGED_SWEEP} hold no LANCE run read as "
+                             f"{READINGS[name]}")  # fmt: skip
     per_task = {t: _mean([_mean(r["angle_deg"]) for r in group]) for t, group in tasks.items()}
     parts = [(_decide(all(a < 70 for a in per_task.values())), "")]
     checks = []
@@ -340,6 +424,7 @@ def _claim_b_reading(records: Records, name: str) -> Outcome:
         "; ".join(f"{t}: {a:.1f} deg" for t, a in sorted(per_task.items()))
         + f" (largest: {worst}); not BP: " + "; ".join(checks),
         verdict, protocol(runs), like_for_like(runs), reason, record_names(used), _seeds(runs),
+        evidence=evidence,
     )  # fmt: skip
 
 
@@ -347,9 +432,10 @@ def _claim_b(records: Records) -> Outcome:
     return _by_reading(lambda name: _claim_b_reading(records, name))
 
 
-def _table2_runs(records: Records) -> tuple[list[Record], list[Record]]:
-    """Table 2's ResNet18, last-4-convs runs: CIFAR-10 (else the embedded subset), batch 128."""
-    runs = [r for r in _finetune_records(records, "table2_finetune")
+def _table2_runs(records: Sequence[Record]) -> tuple[list[Record], list[Record]]:
+    """Table 2's ResNet18, last-4-convs runs: CIFAR-10 (else the embedded subset), batch 128;
+    LANCE at BP's eps and N."""
+    runs = [r for r in records
             if _settings(r)["model"] == "resnet18" and _settings(r)["layers"] == 4]  # fmt: skip
     for dataset in ("cifar10", "cifar10_mini"):
         chosen = [r for r in runs if _settings(r)["dataset"] == dataset]
@@ -357,18 +443,19 @@ def _table2_runs(records: Records) -> tuple[list[Record], list[Record]]:
         for batch in sorted(batches, key=lambda b: b != 128):
             at = [r for r in chosen if _settings(r)["batch_size"] == batch]
             bp = [r for r in at if _settings(r)["method"] == "bp"]
-            if bp and any(reading(r) for r in at):
-                return bp, [r for r in at if reading(r)]
+            lance = [r for r in _base_point(bp, at) if reading(r)]
+            if bp and lance:
+                return bp, lance
     return [], []
 
 
-def _claim_c_reading(records: Records, name: str) -> Outcome:
-    bp, lance = _table2_runs(records)
+def _claim_c_reading(records: Records, runs: list[Record], source: str, name: str) -> Outcome:
+    bp, lance = _table2_runs(runs)
     lance = [r for r in lance if reading(r) == name]
     pairs = seed_pairs(bp, lance)
     if not pairs:
         return _not_measured(
-            f"table2_finetune holds no BP and LANCE ({READINGS[name]}) pair of ResNet18, "
+            f"{source} holds no BP and LANCE ({READINGS[name]}) pair of ResNet18, "
             "last 4 convs, of the same seed"
         )
     bp_runs, lance_runs = [p[1] for p in pairs], [p[2] for p in pairs]
@@ -434,33 +521,40 @@ def _staleness(
     return "; ".join(notes)
 
 
-def _claim_c(records: Records) -> Outcome:
-    return _by_reading(lambda name: _claim_c_reading(records, name))
+def _claim_c_runs(records: Records, runs: list[Record], source: str) -> Outcome:
+    return _by_reading(lambda name: _claim_c_reading(records, runs, source, name))
 
 
-def _claim_d(records: Records) -> Outcome:
-    runs = [r for r in _finetune_records(records, "fig3_ablation") if reading(r) == "channel"
+_claim_c = _from_evidence("table2_finetune", _claim_c_runs)
+
+
+def _claim_d_runs(records: Records, pool: list[Record], source: str) -> Outcome:
+    runs = [r for r in pool if reading(r) == "channel"
             and not _settings(r).get("method_options")]  # fmt: skip
     if not runs:
-        return _not_measured("the profile's fig3_ablation sweep holds no default LANCE run")
-    by_n: dict[tuple, set[float]] = {}  # (model, dataset, N): the eps values run
-    by_task: dict[tuple, set[int]] = {}  # (model, dataset): the N values run at eps 0.7
+        return _not_measured(f"the profile's {source} sweep holds no default LANCE run")
+
+    def task(r: Record) -> tuple:  # model, dataset and trained layers: one sweep's runs
+        return _task(r) + (_settings(r)["layers"],)
+
+    by_n: dict[tuple, set[float]] = {}  # (model, dataset, layers, N): the eps values run
+    by_task: dict[tuple, set[int]] = {}  # (model, dataset, layers): the N values at eps 0.7
     for r in runs:
         s = _settings(r)
-        by_n.setdefault((s["model"], s["dataset"], s["num_batches"]), set()).add(s["eps"])
+        by_n.setdefault(task(r) + (s["num_batches"],), set()).add(s["eps"])
         if s["eps"] == 0.7:
-            by_task.setdefault((s["model"], s["dataset"]), set()).add(s["num_batches"])
-    eps_key = max(by_n, key=lambda k: (len(by_n[k]), k[2]))  # the eps sweep and its N
-    n_star = eps_key[2]
-    eps_sweep = [r for r in runs if _task(r) + (_settings(r)["num_batches"],) == eps_key]
+            by_task.setdefault(task(r), set()).add(s["num_batches"])
+    eps_key = max(by_n, key=lambda k: (len(by_n[k]), k[3]))  # the eps sweep and its N
+    n_star = eps_key[3]
+    eps_sweep = [r for r in runs if task(r) + (_settings(r)["num_batches"],) == eps_key]
     n_key = max(by_task, key=lambda k: len(by_task[k]), default=None)
-    n_sweep = [r for r in runs if _settings(r)["eps"] == 0.7 and _task(r) == n_key]
+    n_sweep = [r for r in runs if _settings(r)["eps"] == 0.7 and task(r) == n_key]
     eps = sorted({_settings(r)["eps"] for r in eps_sweep})
     ns = sorted({_settings(r)["num_batches"] for r in n_sweep})
     if len(eps) < 3 or len(ns) < 2:
         return _not_measured(
-            f"fig3_ablation has eps {eps} at N = {n_star} and N {ns} at eps 0.7 on one "
-            "model and dataset: too few points",
+            f"{source} has eps {eps} at N = {n_star} and N {ns} at eps 0.7 on one "
+            "model, dataset and layer count: too few points",
             records=runs,
         )
 
@@ -492,6 +586,9 @@ def _claim_d(records: Records) -> Outcome:
         verdict, protocol(used), like_for_like(used), reason, record_names(used),
         _seeds(used), gap.as_dict(),
     )  # fmt: skip
+
+
+_claim_d = _from_evidence("fig3_ablation", _claim_d_runs)
 
 
 def _claim_e(records: Records) -> Outcome:
@@ -574,14 +671,13 @@ def _claim_f(records: Records) -> Outcome:
     )  # fmt: skip
 
 
-def _claim_g(records: Records) -> Outcome:
-    runs = _finetune_records(records, "table1_split")
+def _claim_g_runs(records: Records, runs: list[Record], source: str) -> Outcome:
     parts, texts, used, gaps = [], [], [], []
     for layers in (2, 4):
         at = [r for r in runs if _settings(r)["model"] == "resnet18"
               and _settings(r)["layers"] == layers]  # fmt: skip
         bp = [r for r in at if _settings(r)["method"] == "bp"]
-        pairs = seed_pairs(bp, [r for r in at if reading(r) == "channel"])
+        pairs = seed_pairs(bp, [r for r in _base_point(bp, at) if reading(r) == "channel"])
         if not pairs:
             continue
         gap = _gap(pairs)
@@ -595,7 +691,7 @@ def _claim_g(records: Records) -> Outcome:
         used += [r for p in pairs for r in p[1:]]
         gaps.append((layers, gap))
     if not parts:
-        return _not_measured("table1_split holds no ResNet18 BP/LANCE pair of the same seed")
+        return _not_measured(f"{source} holds no ResNet18 BP/LANCE pair of the same seed")
     verdict, reason = _combine(parts)
     note = "paper: ImageNet split A -> split B; ours: CIFAR-10 split A -> split B; channel-only"
     interval = {f"{layers} convs": gap.as_dict() for layers, gap in gaps}
@@ -605,8 +701,11 @@ def _claim_g(records: Records) -> Outcome:
     )  # fmt: skip
 
 
+_claim_g = _from_evidence("table1_split", _claim_g_runs)
+
+
 def _claim_h(records: Records) -> Outcome:
-    bp, lance = _table2_runs(records)
+    bp, lance = _table2_runs(_finetune_records(records, "table2_finetune"))
     pairs = seed_pairs(bp, [r for r in lance if reading(r) == "channel"])
     if not pairs:
         return _not_measured("no BP and LANCE pair of ResNet18, last 4 convs in table2_finetune")
@@ -670,10 +769,24 @@ def _claim_i(records: Records) -> Outcome:
     )  # fmt: skip
 
 
-def _claim_j_reading(records: Records, name: str) -> Outcome:
-    pool, runs, tasks = _runs_by_task(records, "fig4_eps_gradient", name, with_layers=False)
+def _converged_eps_sweep(runs: list[Record]) -> list[Record]:
+    """The converged runs' eps sweep: the most trained layers, at BP's N."""
     if not runs:
-        return _not_measured(f"fig4_eps_gradient holds no LANCE run read as {READINGS[name]}")
+        return []
+    layers = max(_settings(r)["layers"] for r in runs)
+    ns = {_settings(r)["num_batches"] for r in runs if _settings(r)["method"] == "bp"}
+    return [r for r in runs if _settings(r)["layers"] == layers
+            and _settings(r)["num_batches"] in ns]  # fmt: skip
+
+
+def _claim_j_reading(records: Records, name: str) -> Outcome:
+    pool, runs, tasks, evidence = _runs_by_task(
+        records, "fig4_eps_gradient", name, with_layers=False, converged=_converged_eps_sweep,
+        usable=lambda group: len({_settings(r)["eps"] for r in group}) >= 2,
+    )  # fmt: skip
+    if not runs:
+        return _not_measured(f"fig4_eps_gradient and {CONVERGED_SWEEP} hold no LANCE run read "
+                             f"as {READINGS[name]}")  # fmt: skip
     parts, texts = [], []
     for task, group in sorted(tasks.items()):
         eps = sorted({_settings(r)["eps"] for r in group})
@@ -700,7 +813,7 @@ def _claim_j_reading(records: Records, name: str) -> Outcome:
     verdict, reason = _combine(parts)
     used = runs + [bp for r in runs if (bp := bp_partner(r, pool)) is not None]
     return Outcome("; ".join(texts), verdict, protocol(runs), like_for_like(runs), reason,
-                   record_names(used), _seeds(runs))  # fmt: skip
+                   record_names(used), _seeds(runs), evidence=evidence)  # fmt: skip
 
 
 def _claim_j(records: Records) -> Outcome:

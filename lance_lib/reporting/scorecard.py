@@ -16,6 +16,7 @@ from typing import Any
 from lance_lib.io import write_json_atomic, write_text_atomic
 from lance_lib.reporting.claim_records import READINGS
 from lance_lib.reporting.claims import VERDICTS, Records
+from lance_lib.reporting.converged import CONVERGED_SWEEP, converged_records
 from lance_lib.reporting.provenance import record_sources
 
 __all__ = [
@@ -87,7 +88,10 @@ def write_scorecard(
         parts += [f"{v}: {', '.join(ids)}" for v, ids in by_verdict.items()
                   if ids and v != "reproduced"]  # fmt: skip
         lines.append(f"- {READINGS[name]} reproduces: " + "; ".join(parts))
-    lines += ["", "Protocols: " + "; ".join(f"{c['id']}: {c['protocol']}" for c in claims), "",
+    protocols = [f"{c['id']}: {c['protocol']}"
+                 + (f" (evidence: {c['evidence']})" if c.get("evidence") else "")
+                 for c in claims]  # fmt: skip
+    lines += ["", "Protocols: " + "; ".join(protocols), "",
               "Records (relative to the repository):", ""]  # fmt: skip
     for c in claims:
         if c.get("records"):
@@ -112,13 +116,18 @@ EVIDENCE_NOTEBOOKS = (
 def gather_records(
     profile: str, notebooks: Sequence[str] = EVIDENCE_NOTEBOOKS
 ) -> dict[str, list[dict[str, Any]]]:
-    """The records of each notebook's sweep under ``profile`` (from the results cache).
+    """The records of each notebook's sweep under ``profile``, and of its converged runs.
 
     Each notebook's experiments are asked for exactly as the notebook asks
     (:func:`lance_lib.experiments.sweeps.sweep` on its profile parameters) and run with
     :func:`lance_lib.experiments.base.run_experiment`, which returns the stored record
     when the figure notebooks (or ``make grid``) computed it already. A notebook the
     profile has no section for contributes no records (its claims are ``not measured``).
+
+    When the profile has a ``claim_runs`` section, its converged runs are added under
+    ``"claim_runs"``: looked up in the cache only, never computed (hours of work that
+    ``make grid`` does; :func:`lance_lib.reporting.converged.converged_records`), a run
+    not computed yet is ``None``. The claims read them in preference to the notebooks'.
     """
     from lance_lib.continual import SaturationWarning
     from lance_lib.experiments.base import run_experiment
@@ -134,6 +143,9 @@ def gather_records(
         with warnings.catch_warnings():  # as the Table 3 notebook: its tables list them all
             warnings.simplefilter("ignore", SaturationWarning)
             out[notebook] = [run_experiment(config) for config in sweep(notebook, params)]
+    converged = converged_records(profile)
+    if converged is not None:
+        out[CONVERGED_SWEEP] = converged
     return out
 
 
